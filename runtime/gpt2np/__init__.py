@@ -37,7 +37,9 @@ def _check_folder(path: Path) -> None:
     missing = [name for name in MODEL_FILES if not (path / name).is_file()]
     if missing:
         hint = ""
-        if "model.safetensors" in missing and (path / "pytorch_model.bin").exists():
+        if "model.safetensors" in missing and (path / "model.safetensors.index.json").exists():
+            hint = " (sharded checkpoints are not supported: save with a max_shard_size above the model size)"
+        elif "model.safetensors" in missing and (path / "pytorch_model.bin").exists():
             hint = " (pytorch_model.bin is a pickle file, which this runtime does not load: " \
                    "save the model with safe_serialization=True)"
         raise GPT2Error(f"{path}: not a model folder: missing {', '.join(missing)}{hint}")

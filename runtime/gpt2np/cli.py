@@ -59,8 +59,11 @@ def main() -> None:
         run.main(prog_name="gpt-run", standalone_mode=False)
     except click.exceptions.Abort:
         sys.exit(130)
+    except click.UsageError as e:
+        print(f"gpt-run: error: {e.format_message()} (see 'gpt-run --help')", file=sys.stderr)
+        sys.exit(e.exit_code)
     except click.ClickException as e:
-        e.show()
+        print(f"gpt-run: error: {e.format_message()}", file=sys.stderr)
         sys.exit(e.exit_code)
     except GPT2Error as e:
         print(f"gpt-run: error: {e}", file=sys.stderr)

@@ -1,0 +1,144 @@
+"""Shared test fixtures: model folders built from random weights, named and shaped as OpenAI's.
+
+Weights are made in OpenAI's checkpoint naming (`model/h0/attn/c_attn/w`, [1, E, 3E]) so the TF
+reference can run on exactly what a checkpoint holds; `write_model_dir` maps them to the model
+folder format with its own small table, written independently of the converter under test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+DATA = Path(__file__).parent / "data"
+BPE_DIR = DATA / "gpt2-bpe"
+ROOT = Path(__file__).parent.parent
+BIN = Path(sys.executable).parent
+
+# hparams.json as OpenAI publishes it, for a small model with the real vocabulary.
+SMALL_HPARAMS = {"n_vocab": 50257, "n_ctx": 64, "n_embd": 64, "n_head": 4, "n_layer": 2}
+HPARAMS_124M = {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12}
+
+
+def openai_shapes(hp: dict) -> dict[str, tuple[int, ...]]:
+    E, V, C = hp["n_embd"], hp["n_vocab"], hp["n_ctx"]
+    shapes = {"model/wte": (V, E), "model/wpe": (C, E)}
+    for i in range(hp["n_layer"]):
+        h = f"model/h{i}/"
+        shapes.update({
+            h + "ln_1/g": (E,), h + "ln_1/b": (E,),
+            h + "attn/c_attn/w": (1, E, 3 * E), h + "attn/c_attn/b": (3 * E,),
+            h + "attn/c_proj/w": (1, E, E), h + "attn/c_proj/b": (E,),
+            h + "ln_2/g": (E,), h + "ln_2/b": (E,),
+            h + "mlp/c_fc/w": (1, E, 4 * E), h + "mlp/c_fc/b": (4 * E,),
+            h + "mlp/c_proj/w": (1, 4 * E, E), h + "mlp/c_proj/b": (E,),
+        })
+    shapes.update({"model/ln_f/g": (E,), "model/ln_f/b": (E,)})
+    return shapes
+
+
+def random_openai_weights(hp: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random float32 weights at scales that give varied, untied logits and non-trivial attention."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in openai_shapes(hp).items():
+        if name.endswith("/g"):
+            a = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif name.endswith("/b"):
+            a = 0.05 * rng.standard_normal(shape)
+        elif name in ("model/wte", "model/wpe"):
+            a = 0.3 * rng.standard_normal(shape)
+        else:
+            a = rng.standard_normal(shape) / np.sqrt(shape[-2])
+        out[name] = a.astype(np.float32)
+    return out
+
+
+def hf_name(openai_name: str) -> str:
+    """`model/h3/attn/c_attn/w` -> `h.3.attn.c_attn.weight`; `model/wte` -> `wte.weight`."""
+    parts = openai_name.removeprefix("model/").split("/")
+    if parts[0].startswith("h") and parts[0][1:].isdigit():
+        parts[0] = "h." + parts[0][1:]
+    last = {"w": "weight", "g": "weight", "b": "bias"}
+    if parts[-1] in last and len(parts) > 1:
+        parts[-1] = last[parts[-1]]
+    else:
+        parts.append("weight")
+    return ".".join(parts)
+
+
+def hf_config(hp: dict) -> dict:
+    return {
+        "model_type": "gpt2", "vocab_size": hp["n_vocab"], "n_positions": hp["n_ctx"], "n_ctx": hp["n_ctx"],
+        "n_embd": hp["n_embd"], "n_layer": hp["n_layer"], "n_head": hp["n_head"],
+        "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+        "bos_token_id": 50256, "eos_token_id": 50256,
+    }
+
+
+def write_model_dir(path: Path, hp: dict, weights: dict[str, np.ndarray], hf_style: bool = False) -> Path:
+    """A model folder written with the `safetensors` library (not our code).
+
+    `hf_style` imitates Hugging Face's save_pretrained of GPT2LMHeadModel: `transformer.` prefix,
+    the attention mask buffers of older versions, and an explicit `lm_head.weight`.
+    """
+    from safetensors.numpy import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    prefix = "transformer." if hf_style else ""
+    tensors = {prefix + hf_name(k): np.ascontiguousarray(v.reshape(v.shape[1:]) if v.ndim == 3 else v)
+               for k, v in weights.items()}
+    if hf_style:
+        C = hp["n_ctx"]
+        for i in range(hp["n_layer"]):
+            tensors[f"transformer.h.{i}.attn.bias"] = np.tril(np.ones((1, 1, C, C), np.float32))
+            tensors[f"transformer.h.{i}.attn.masked_bias"] = np.array(-1e4, np.float32)
+        tensors["lm_head.weight"] = weights["model/wte"]
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(hf_config(hp), indent=2))
+    shutil.copyfile(BPE_DIR / "encoder.json", path / "vocab.json")
+    shutil.copyfile(BPE_DIR / "vocab.bpe", path / "merges.txt")
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_weights() -> dict[str, np.ndarray]:
+    return random_openai_weights(SMALL_HPARAMS, seed=1)
+
+
+@pytest.fixture(scope="session")
+def small_model_dir(tmp_path_factory, small_weights) -> Path:
+    return write_model_dir(tmp_path_factory.mktemp("small") / "model", SMALL_HPARAMS, small_weights)
+
+
+@pytest.fixture(scope="session")
+def weights_124M() -> dict[str, np.ndarray]:
+    return random_openai_weights(HPARAMS_124M, seed=7)
+
+
+@pytest.fixture(scope="session")
+def model_124M_dir(tmp_path_factory, weights_124M) -> Path:
+    """A model folder at GPT-2 small's real shapes (random weights, 498 MB)."""
+    return write_model_dir(tmp_path_factory.mktemp("m124") / "model", HPARAMS_124M, weights_124M)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from gpt2np import Tokenizer
+    return Tokenizer.from_files(BPE_DIR / "encoder.json", BPE_DIR / "vocab.bpe")
+
+
+def run_cli(name: str, *args: str, input: bytes | None = None, timeout: float = 300, env=None):
+    """Run an installed console script of this project as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([str(BIN / name), *args], input=input, capture_output=True,
+                          timeout=timeout, env=full_env)

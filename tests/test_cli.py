@@ -1,0 +1,79 @@
+"""`gpt-run` as a user runs it: a real subprocess, streaming, stdin, errors."""
+
+import subprocess
+
+import pytest
+
+import gpt2np
+from conftest import BIN, SMALL_HPARAMS, run_cli
+
+tf_reference = pytest.importorskip("tf_reference")
+
+
+def assert_one_line_error(result, *fragments):
+    err = result.stderr.decode()
+    assert result.returncode != 0
+    assert result.stdout == b""
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_help():
+    result = run_cli("gpt-run", "--help")
+    assert result.returncode == 0
+    for word in ("MODEL_DIR", "PROMPT", "--n-tokens", "stdin", "--ignore-eos"):
+        assert word in result.stdout.decode()
+
+
+def test_output_is_the_reference_greedy_continuation(small_model_dir, small_weights, tokenizer):
+    prompt = "The answer to the question is"
+    ids = tokenizer.encode(prompt)
+    expected, _ = tf_reference.greedy(small_weights, SMALL_HPARAMS, ids, 20)
+    if 50256 in expected:
+        expected = expected[:expected.index(50256)]
+    result = run_cli("gpt-run", str(small_model_dir), prompt, "-n", "20")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == tokenizer.decode_bytes(expected).decode("utf-8", "replace").encode()
+
+
+def test_prompt_from_stdin_is_kept_byte_for_byte(small_model_dir):
+    prompt = "Zürich 日本\n  trailing spaces and a newline\n"
+    from_arg = run_cli("gpt-run", str(small_model_dir), prompt, "-n", "10", "--ignore-eos")
+    from_stdin = run_cli("gpt-run", str(small_model_dir), "-", "-n", "10", "--ignore-eos",
+                         input=prompt.encode())
+    assert from_arg.returncode == 0 and from_stdin.returncode == 0
+    assert from_stdin.stdout == from_arg.stdout
+    model = gpt2np.load(small_model_dir)
+    assert from_arg.stdout.decode() == "".join(model.generate(prompt, 10, stop_at_eos=False))
+    stripped = run_cli("gpt-run", str(small_model_dir), prompt.rstrip("\n"), "-n", "10", "--ignore-eos")
+    assert stripped.stdout != from_stdin.stdout  # the newline really is part of the prompt
+
+
+def test_text_streams_before_generation_ends(model_124M_dir):
+    proc = subprocess.Popen([str(BIN / "gpt-run"), str(model_124M_dir), "Hello", "-n", "200", "--ignore-eos"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        first = proc.stdout.read1(1)
+        assert first, proc.stderr.read()
+        assert proc.poll() is None, "the first text appeared only when the process was done"
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+@pytest.mark.parametrize("args, stdin, fragments", [
+    (["/nonexistent/model", "hi"], None, ["gpt-run: error:", "/nonexistent/model", "no such directory"]),
+    (["{model}", "hi", "-n", "100"], None, ["context is 64"]),
+    (["{model}", "-"], b"caf\xe9\n", ["not valid UTF-8"]),
+    (["{model}", "hi", "-n", "-3"], None, ["-3"]),
+    (["{model}"], None, ["PROMPT"]),
+])
+def test_errors_are_one_line_with_non_zero_exit(small_model_dir, args, stdin, fragments):
+    args = [a.replace("{model}", str(small_model_dir)) for a in args]
+    assert_one_line_error(run_cli("gpt-run", *args, input=stdin), *fragments)
+
+
+def test_not_a_model_folder(tmp_path):
+    assert_one_line_error(run_cli("gpt-run", str(tmp_path), "hi"), "missing config.json")

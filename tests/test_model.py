@@ -1,0 +1,97 @@
+"""The NumPy model against an independent TensorFlow GPT-2, and the KV cache against full recompute."""
+
+import numpy as np
+import pytest
+
+import gpt2np
+from gpt2np import model as M
+from conftest import HPARAMS_124M, SMALL_HPARAMS, write_model_dir
+
+tf_reference = pytest.importorskip("tf_reference")
+
+PROMPT = "The quick brown fox jumps over the lazy dog. Ünïcödé, 日本語, and emoji 🙂!"
+
+
+def assert_close(actual, expected, atol=2e-5):
+    """Agreement to float32 precision: differences of the order of float32 rounding of the sums."""
+    assert actual.dtype == np.float32
+    assert actual.shape == expected.shape
+    err = float(np.max(np.abs(actual - expected)))
+    print(f"max abs logit difference {err:.3g}")
+    scale = max(1.0, float(np.max(np.abs(expected))))
+    assert err <= atol * scale, f"max abs difference {err:.3g} (logit scale {scale:.3g})"
+
+
+def test_logits_match_tensorflow_at_every_position(small_model_dir, small_weights):
+    model = gpt2np.load(small_model_dir)
+    ids = model.encode(PROMPT)
+    assert len(ids) > 20
+    assert_close(model.logits(ids), tf_reference.logits(small_weights, SMALL_HPARAMS, ids))
+
+
+def test_greedy_continuation_matches_tensorflow_step_by_step(small_model_dir, small_weights):
+    model = gpt2np.load(small_model_dir)
+    ids = model.encode("Once upon a time")
+    n = SMALL_HPARAMS["n_ctx"] - len(ids)  # fill the whole context
+    expected, expected_logits = tf_reference.greedy(small_weights, SMALL_HPARAMS, ids, n)
+    got = list(model.generate_ids(ids, n, stop_at_eos=False))
+    assert got == expected
+    assert len(set(got)) > 3, "degenerate test model: the continuation should vary"
+    # Each step's cached logits equal the reference's full recompute.
+    cache = M.KVCache(model.config, len(ids) + n)
+    step_logits = [M.forward(model.params, model.config, np.array(ids), cache)]
+    for token in got[:-1]:
+        step_logits.append(M.forward(model.params, model.config, np.array([token]), cache))
+    assert_close(np.stack(step_logits), expected_logits)
+
+
+def test_kv_cache_equals_full_recompute(small_model_dir):
+    model = gpt2np.load(small_model_dir)
+    ids = model.encode(PROMPT)
+    full = model.logits(ids)
+    # Feed the same tokens in uneven chunks through one cache.
+    cache, rows, start = M.KVCache(model.config), [], 0
+    for size in (5, 1, 1, 7, len(ids)):
+        chunk = ids[start:start + size]
+        if not chunk:
+            break
+        rows.append(M.forward(model.params, model.config, np.array(chunk), cache, all_logits=True))
+        start += len(chunk)
+    assert cache.length == len(ids)
+    np.testing.assert_allclose(np.concatenate(rows), full, rtol=0, atol=1e-5 * max(1, np.abs(full).max()))
+
+
+def test_every_intermediate_is_float32(small_model_dir, monkeypatch):
+    model = gpt2np.load(small_model_dir)
+    seen = []
+    for name in ("layer_norm", "gelu", "linear", "softmax", "attention", "mha", "mlp", "transformer_block"):
+        fn = getattr(M, name)
+
+        def spy(*args, _fn=fn, _name=name, **kw):
+            out = _fn(*args, **kw)
+            seen.append((_name, out.dtype))
+            return out
+        monkeypatch.setattr(M, name, spy)
+    model.logits(model.encode("float32 all the way"))
+    assert {n for n, _ in seen} >= {"layer_norm", "gelu", "linear", "softmax", "attention", "mha", "mlp"}
+    assert all(d == np.float32 for _, d in seen), [x for x in seen if x[1] != np.float32]
+
+
+def test_hugging_face_folder_runs_the_same(tmp_path, small_model_dir, small_weights):
+    hf_dir = write_model_dir(tmp_path / "hf", SMALL_HPARAMS, small_weights, hf_style=True)
+    ids = gpt2np.load(small_model_dir).encode(PROMPT)
+    np.testing.assert_array_equal(gpt2np.load(hf_dir).logits(ids), gpt2np.load(small_model_dir).logits(ids))
+
+
+def test_real_124M_shape_matches_tensorflow(weights_124M, model_124M_dir):
+    weights = weights_124M
+    model = gpt2np.load(model_124M_dir)
+    p = model.params
+    in_blocks = sum(a.size for block in p.blocks for layer in block for a in layer)
+    n_params = p.wte.size + p.wpe.size + in_blocks + p.ln_f.g.size + p.ln_f.b.size
+    assert n_params == 124_439_808  # GPT-2 small, as published
+    ids = model.encode(PROMPT)
+    assert_close(model.logits(ids), tf_reference.logits(weights, HPARAMS_124M, ids))
+    got = list(model.generate_ids(ids, 4, stop_at_eos=False))
+    expected, _ = tf_reference.greedy(weights, HPARAMS_124M, ids, 4)
+    assert got == expected
