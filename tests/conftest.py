@@ -19,6 +19,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from make_checkpoint import random_openai_weights, save_checkpoint  # noqa: E402
+
 DATA = Path(__file__).parent / "data"
 BPE_DIR = DATA / "gpt2-bpe"
 ROOT = Path(__file__).parent.parent
@@ -27,40 +29,6 @@ BIN = Path(sys.executable).parent
 # hparams.json as OpenAI publishes it, for a small model with the real vocabulary.
 SMALL_HPARAMS = {"n_vocab": 50257, "n_ctx": 64, "n_embd": 64, "n_head": 4, "n_layer": 2}
 HPARAMS_124M = {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12}
-
-
-def openai_shapes(hp: dict) -> dict[str, tuple[int, ...]]:
-    E, V, C = hp["n_embd"], hp["n_vocab"], hp["n_ctx"]
-    shapes = {"model/wte": (V, E), "model/wpe": (C, E)}
-    for i in range(hp["n_layer"]):
-        h = f"model/h{i}/"
-        shapes.update({
-            h + "ln_1/g": (E,), h + "ln_1/b": (E,),
-            h + "attn/c_attn/w": (1, E, 3 * E), h + "attn/c_attn/b": (3 * E,),
-            h + "attn/c_proj/w": (1, E, E), h + "attn/c_proj/b": (E,),
-            h + "ln_2/g": (E,), h + "ln_2/b": (E,),
-            h + "mlp/c_fc/w": (1, E, 4 * E), h + "mlp/c_fc/b": (4 * E,),
-            h + "mlp/c_proj/w": (1, 4 * E, E), h + "mlp/c_proj/b": (E,),
-        })
-    shapes.update({"model/ln_f/g": (E,), "model/ln_f/b": (E,)})
-    return shapes
-
-
-def random_openai_weights(hp: dict, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random float32 weights at scales that give varied, untied logits and non-trivial attention."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, shape in openai_shapes(hp).items():
-        if name.endswith("/g"):
-            a = 1.0 + 0.1 * rng.standard_normal(shape)
-        elif name.endswith("/b"):
-            a = 0.05 * rng.standard_normal(shape)
-        elif name in ("model/wte", "model/wpe"):
-            a = 0.3 * rng.standard_normal(shape)
-        else:
-            a = rng.standard_normal(shape) / np.sqrt(shape[-2])
-        out[name] = a.astype(np.float32)
-    return out
 
 
 def hf_name(openai_name: str) -> str:
@@ -118,6 +86,12 @@ def small_weights() -> dict[str, np.ndarray]:
 @pytest.fixture(scope="session")
 def small_model_dir(tmp_path_factory, small_weights) -> Path:
     return write_model_dir(tmp_path_factory.mktemp("small") / "model", SMALL_HPARAMS, small_weights)
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory, small_weights) -> Path:
+    """OpenAI's seven files for the small model, in a `124M/` folder as on OpenAI's storage."""
+    return save_checkpoint(tmp_path_factory.mktemp("blob") / "124M", SMALL_HPARAMS, small_weights)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,76 @@
+"""`gpt-convert`: download one of OpenAI's GPT-2 checkpoints and write a gpt2np model folder."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from gpt2np import GPT2Error
+
+from .download import DEFAULT_BASE_URL, canonical_model, default_cache_dir
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model")
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--base-url", envvar="GPT2_BASE_URL", default=DEFAULT_BASE_URL, show_default=True,
+              help="Where the model folders are (env GPT2_BASE_URL): files are fetched from "
+                   "BASE_URL/MODEL/FILE, so a mirror must keep OpenAI's layout.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where downloads are kept and resumed [default: $XDG_CACHE_HOME/gpt2np or ~/.cache/gpt2np].")
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Convert the checkpoint files already in this folder; nothing is downloaded.")
+@click.option("--retries", envvar="GPT2_RETRIES", default=5, show_default=True, type=click.IntRange(min=0),
+              help="Retries of a failed download (connection lost, 5xx), with growing waits.")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists and is not empty.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def convert_command(model, out_dir, base_url, cache_dir, checkpoint_dir, retries, force, quiet):
+    """Convert OpenAI's GPT-2 MODEL into the model folder OUT_DIR, for `gpt-run`.
+
+    MODEL is 124M, 355M, 774M or 1558M (the old names 117M and 345M also work). The seven
+    checkpoint files are downloaded into the cache (resumed if interrupted, never fetched twice),
+    read with TensorFlow, checked against hparams.json, and written as OUT_DIR/model.safetensors,
+    config.json, vocab.json and merges.txt. OUT_DIR appears only once it is complete.
+    """
+    from .convert import convert  # TensorFlow loads only once there is work to do
+    from .download import download_model
+
+    model = canonical_model(model)
+    progress = not quiet
+    if out_dir.exists() and not force and not (out_dir.is_dir() and not any(out_dir.iterdir())):
+        raise GPT2Error(f"{out_dir} already exists and is not empty (use --force to replace it)")
+    if checkpoint_dir is None:
+        checkpoint_dir = download_model(model, cache_dir or default_cache_dir(), base_url,
+                                        progress=progress, retries=retries)
+        source = f"{base_url.rstrip('/')}/{model}"
+    else:
+        source = f"{checkpoint_dir.resolve()} ({model})"
+    convert(checkpoint_dir, out_dir, source=source, force=force, progress=progress)
+
+
+def main() -> None:
+    try:
+        convert_command.main(prog_name="gpt-convert", standalone_mode=False)
+    except click.UsageError as e:
+        print(f"gpt-convert: error: {e.format_message()} (see 'gpt-convert --help')", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        print(f"gpt-convert: error: {e.format_message()}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except GPT2Error as e:
+        print(f"gpt-convert: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except ModuleNotFoundError as e:
+        if e.name in ("tensorflow", "safetensors"):
+            print(f"gpt-convert: error: {e.name} is not installed; the converter needs "
+                  f"`pip install 'gpt2np[convert]'`", file=sys.stderr)
+            sys.exit(1)
+        raise
+    except OSError as e:
+        print(f"gpt-convert: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        sys.exit(1)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        print("gpt-convert: interrupted; the partial download is kept and resumes next time", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,36 @@
+"""Checkpoint folder -> model folder: the whole conversion, in one function."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import gpt2np
+from gpt2np import GPT2Error
+
+from .checkpoint import Checkpoint
+from .download import FILES
+from .writer import atomic_output_dir, copy_file, write_safetensors
+
+FORMAT_VERSION = "1"
+
+
+def convert(checkpoint_dir: Path, out: Path, *, source: str, force: bool = False, progress: bool = True) -> None:
+    """Write the model folder `out` from an OpenAI checkpoint folder; `out` appears only when whole."""
+    missing = [name for name in FILES if not (checkpoint_dir / name).is_file()]
+    if missing:
+        raise GPT2Error(f"{checkpoint_dir}: not a GPT-2 checkpoint folder: missing {', '.join(missing)}")
+    checkpoint = Checkpoint(checkpoint_dir)
+    config = checkpoint.config
+    metadata = {"format": "pt", "gpt2np.format_version": FORMAT_VERSION, "gpt2np.source": source,
+                "gpt2np.converter": f"gpt2np {gpt2np.__version__}"}
+    with atomic_output_dir(out, force=force) as tmp:
+        write_safetensors(tmp / "model.safetensors", config.tensor_shapes(), checkpoint.tensors(), metadata,
+                          progress=progress)
+        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        copy_file(checkpoint_dir / "encoder.json", tmp / "vocab.json")
+        copy_file(checkpoint_dir / "vocab.bpe", tmp / "merges.txt")
+        gpt2np.load(tmp)  # the runtime must accept what we wrote: header, shapes, tokenizer, config
+    if progress:
+        print(f"wrote {out}", file=sys.stderr)
