@@ -3,8 +3,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+MODEL  ?= 124M
+PROMPT ?= Alan Turing theorized that computers would one day
+N      ?= 50
+MODELS ?= models
 
-.PHONY: install test clean
+.PHONY: install run test deploy-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,9 +19,19 @@ $(STAMP): pyproject.toml
 ## install: the runtime, the converter (TensorFlow) and the test tools, into .venv
 install: $(STAMP)
 
-## test: the whole test suite
+## run: download and convert MODEL once (into models/MODEL), then continue PROMPT
+run: install
+	@test -f $(MODELS)/$(MODEL)/model.safetensors || $(BIN)/gpt-convert $(MODEL) $(MODELS)/$(MODEL)
+	$(BIN)/gpt-run $(MODELS)/$(MODEL) "$(PROMPT)" -n $(N)
+
+## test: the whole test suite, then the TensorFlow-free deployment check
 test: install
 	$(BIN)/python -m pytest -q
+	VENV=$(VENV) scripts/deploy-check
+
+## deploy-check: the runtime wheel alone, in a fresh venv, runs a converted model
+deploy-check: install
+	VENV=$(VENV) scripts/deploy-check
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info runtime/*.egg-info converter/*.egg-info .pytest_cache .hypothesis

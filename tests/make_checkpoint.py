@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -59,9 +58,9 @@ def random_openai_weights(hp: dict, seed: int = 0) -> dict[str, np.ndarray]:
 
 def save_checkpoint(out: Path, hp: dict, weights: dict[str, np.ndarray]) -> Path:
     """Write the seven files of an OpenAI GPT-2 model folder to `out`."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import tensorflow as tf
+    from gpt2np_convert.checkpoint import import_tensorflow
 
+    tf = import_tensorflow()
     out.mkdir(parents=True, exist_ok=True)
     graph = tf.Graph()
     with graph.as_default():
