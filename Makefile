@@ -24,10 +24,9 @@ run: install
 	@test -f $(MODELS)/$(MODEL)/model.safetensors || $(BIN)/gpt-convert $(MODEL) $(MODELS)/$(MODEL)
 	$(BIN)/gpt-run $(MODELS)/$(MODEL) "$(PROMPT)" -n $(N)
 
-## test: the whole test suite, then the TensorFlow-free deployment check
+## test: the whole test suite (it includes the TensorFlow-free deployment check)
 test: install
 	$(BIN)/python -m pytest -q
-	VENV=$(VENV) scripts/deploy-check
 
 ## deploy-check: the runtime wheel alone, in a fresh venv, runs a converted model
 deploy-check: install
