@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -49,13 +51,34 @@ def test_converts_bit_for_bit(small_checkpoint, tmp_path):
     assert b"model.safetensors" in result.stderr  # progress was shown
 
 
-def test_real_124M_shape_converts_bit_for_bit(tmp_path, weights_124M):
+CONVERT_AND_MEASURE = """
+import sys
+from pathlib import Path
+from gpt2np_convert.checkpoint import import_tensorflow
+from gpt2np_convert.convert import convert
+
+def peak_mb():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024
+
+import_tensorflow()
+before = peak_mb()
+convert(Path(sys.argv[1]), Path(sys.argv[2]), source="test", progress=False)
+print(before, peak_mb())
+"""
+
+
+def test_real_124M_shape_converts_bit_for_bit_in_memory_of_one_tensor(tmp_path, weights_124M):
     checkpoint = save_checkpoint(tmp_path / "ckpt", HPARAMS_124M, weights_124M)
-    result = run_cli("gpt-convert", "124M", str(tmp_path / "out"), "--checkpoint-dir", str(checkpoint), "-q")
-    assert result.returncode == 0, result.stderr
-    assert result.stderr == b""
+    out = subprocess.run([sys.executable, "-c", CONVERT_AND_MEASURE, str(checkpoint), str(tmp_path / "out")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    before, peak = map(float, out.stdout.split())
+    file_mb = (tmp_path / "out" / "model.safetensors").stat().st_size / 2**20
+    wte_mb = weights_124M["model/wte"].nbytes / 2**20
+    print(f"conversion peak RSS +{peak - before:.0f} MB over TensorFlow's; file {file_mb:.0f} MB, wte {wte_mb:.0f} MB")
+    assert file_mb > 474
+    assert peak - before < 2 * wte_mb, "conversion memory grows with the model, not with one tensor"
     assert_faithful(tmp_path / "out", checkpoint)
-    assert (tmp_path / "out" / "model.safetensors").stat().st_size > 497_000_000
 
 
 def test_end_to_end_download_convert_run(small_checkpoint, tmp_path):
