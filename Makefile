@@ -8,7 +8,7 @@ PROMPT ?= Alan Turing theorized that computers would one day
 N      ?= 50
 MODELS ?= models
 
-.PHONY: install run test deploy-check clean
+.PHONY: install run test bench deploy-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ run: install
 ## test: the whole test suite (it includes the TensorFlow-free deployment check)
 test: install
 	$(BIN)/python -m pytest -q
+
+## bench: speed against this machine's ceilings; writes bench/results/{RESULTS.md,results.json,bench.png}
+bench: install
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/bench.py $(BENCH_ARGS)
 
 ## deploy-check: the runtime wheel alone, in a fresh venv, runs a converted model
 deploy-check: install

@@ -130,3 +130,50 @@ def test_decode_rejects_unknown_ids(tokenizer):
     with pytest.raises(GPT2Error):
         tokenizer.decode([-1])
     assert tokenizer.decode([447]) == "\ufffd"  # half a character decodes to U+FFFD, like GPT-2
+
+
+@pytest.fixture(scope="module")
+def reference_loop(tokenizer):
+    """The same vocabulary with the fast path switched off: encoder.py's merge loop only."""
+    from gpt2np import Tokenizer
+    slow = Tokenizer(tokenizer.encoder, list(tokenizer.ranks), gpt2_vocab=False)
+    assert tokenizer._gpt2_vocab and not slow._gpt2_vocab
+    return slow
+
+
+def test_gpt2_merges_build_every_token_before_using_it(tokenizer):
+    """The fact that makes `_merge_fast` exact: a pair's parts exist before the pair is merged,
+    and every token string merges back to itself."""
+    built = {c: -1 for c in bytes_to_unicode().values()}
+    for rank, (first, second) in enumerate(tokenizer.ranks):
+        assert built[first] < rank and built[second] < rank, (first, second)
+        built.setdefault(first + second, rank)
+    for token in tokenizer.encoder:
+        if token != ENDOFTEXT:
+            assert tokenizer._merge_reference(token) == [token]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(codec="utf-8"), min_size=1))
+def test_fast_merges_equal_encoder_py_loop(tokenizer, reference_loop, text):
+    assert tokenizer.encode(text) == reference_loop.encode(text)
+
+
+def test_fast_merges_equal_encoder_py_loop_on_corpus(tokenizer, reference_loop):
+    text = "".join(CORPUS) * 3 + " antidisestablishmentarianism Pneumonoultramicroscopic aaaaaaaabbbbbbbb"
+    assert tokenizer.encode(text) == reference_loop.encode(text)
+
+
+def test_ascii_classes_equal_the_unicode_ones_on_ascii():
+    import regex
+    for pattern, ascii_class in ((r"\p{L}", "[A-Za-z]"), (r"\p{N}", "[0-9]"), (r"\s", r"[\t\n\v\f\r ]")):
+        for c in map(chr, range(128)):
+            assert bool(regex.match(pattern, c)) == bool(regex.match(ascii_class, c)), (pattern, c)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(["a", "Z", "7", " ", "  ", "\n", "\t", "'s", "'", "-", "é", "日", "²", "\u00a0",
+                                 "\u3000", "🙂", "\x85", "\x1c", "e\u0301", "ß"]), max_size=40))
+def test_split_equals_the_plain_unicode_pattern(tokenizer, parts):
+    text = "".join(parts)
+    assert tokenizer.split(text) == tokenizer._pattern.findall(text)

@@ -58,65 +58,98 @@ class Params(NamedTuple):
 class KVCache:
     """Keys and values of every position processed so far, preallocated and written in place.
 
-    `k` and `v` are [n_layer, H, capacity, D]; positions [0, length) are valid. np.empty does not
-    touch the memory, so an unused capacity costs address space, not RAM.
+    Keys are stored transposed, `kT` [n_layer, H, D, capacity], so that scores are a plain
+    q @ kT product; values are `v` [n_layer, H, capacity, D]. Positions [0, length) are valid.
+    np.empty does not touch the memory, so unused capacity costs address space, not RAM.
     """
 
     def __init__(self, config: GPT2Config, capacity: int | None = None):
         capacity = config.n_positions if capacity is None else capacity
-        shape = (config.n_layer, config.n_head, capacity, config.head_dim)
-        self.k = np.empty(shape, dtype=np.float32)
-        self.v = np.empty(shape, dtype=np.float32)
+        L, H, D = config.n_layer, config.n_head, config.head_dim
+        self.kT = np.empty((L, H, D, capacity), dtype=np.float32)
+        self.v = np.empty((L, H, capacity, D), dtype=np.float32)
         self.length = 0
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[2]
+        return self.v.shape[2]
 
 
 _GELU_C = np.float32(np.sqrt(2.0 / np.pi))
 _GELU_A = np.float32(0.044715)
+_ATTENTION_BLOCK = 128  # query rows per block in long prompts: scores stay in cache
 
 
 def gelu(x: np.ndarray) -> np.ndarray:
-    """GPT-2's GELU, 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))."""
-    return np.float32(0.5) * x * (np.float32(1) + np.tanh(_GELU_C * (x + _GELU_A * x * x * x)))
+    """GPT-2's GELU, 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), computed in place in x.
+
+    Uses 0.5·(1 + tanh(u)) = 1 / (1 + exp(−2u)): one transcendental and no large temporaries
+    beyond u. For very negative x, exp overflows to inf and the result is the correct −0.
+    """
+    u = x * x
+    u *= _GELU_A
+    u += np.float32(1)
+    u *= x
+    u *= np.float32(-2) * _GELU_C
+    np.exp(u, out=u)
+    u += np.float32(1)
+    return np.divide(x, u, out=x)
 
 
 def layer_norm(x: np.ndarray, p: LayerNorm, eps: float) -> np.ndarray:
-    mean = x.mean(axis=-1, keepdims=True)
-    var = x.var(axis=-1, keepdims=True)
-    return (x - mean) / np.sqrt(var + np.float32(eps)) * p.g + p.b
+    xc = x - x.mean(axis=-1, keepdims=True)
+    var = np.mean(np.square(xc), axis=-1, keepdims=True)
+    xc /= np.sqrt(var + np.float32(eps))
+    xc *= p.g
+    xc += p.b
+    return xc
 
 
 def linear(x: np.ndarray, p: Linear) -> np.ndarray:
-    return x @ p.w + p.b
+    y = x @ p.w
+    y += p.b
+    return y
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+    """Softmax over the last axis, in place."""
+    x -= x.max(axis=-1, keepdims=True)
+    np.exp(x, out=x)
+    x /= x.sum(axis=-1, keepdims=True)
+    return x
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, offset: int) -> np.ndarray:
-    """Causal attention of T queries at positions offset.. against S = offset + T keys: [H,T,D]."""
-    T, S = q.shape[1], k.shape[1]
-    scores = q @ k.transpose(0, 2, 1) * np.float32(1.0 / np.sqrt(q.shape[-1]))  # [H, T, S]
-    # Query t sits at position offset + t and may see keys 0..offset + t.
-    future = np.arange(S)[None, :] > (offset + np.arange(T))[:, None]
-    scores[:, future] = -np.inf
-    return softmax(scores) @ v
+def attention(q: np.ndarray, kT: np.ndarray, v: np.ndarray, offset: int) -> np.ndarray:
+    """Causal attention for queries q [H, T, D] at positions offset..offset+T-1 -> [H, T, D].
+
+    kT [H, D, S] and v [H, S, D] hold every position up to offset+T. q must already be scaled
+    by 1/√D. Long prompts go in blocks of query rows, each against only the keys it can see.
+    """
+    H, T, D = q.shape
+    out = np.empty((H, T, D), dtype=np.float32)
+    for start in range(0, T, _ATTENTION_BLOCK):
+        stop = min(start + _ATTENTION_BLOCK, T)
+        visible = offset + stop
+        scores = q[:, start:stop] @ kT[:, :, :visible]  # [H, rows, visible]
+        if stop - start > 1:
+            # Row i sits at position offset+start+i: the keys after it, inside this block, are future.
+            rows = stop - start
+            future = np.triu(np.ones((rows, rows), dtype=bool), k=1)
+            scores[:, :, offset + start:visible][:, future] = -np.inf
+        np.matmul(softmax(scores), v[:, :visible], out=out[:, start:stop])
+    return out
 
 
-def mha(x: np.ndarray, p: Block, n_head: int, cache_k: np.ndarray, cache_v: np.ndarray,
-        offset: int) -> np.ndarray:
-    """Multi-head self-attention; appends this step's keys and values to the layer's cache."""
+def mha(x: np.ndarray, p: Block, n_head: int, kT: np.ndarray, v: np.ndarray, offset: int) -> np.ndarray:
+    """Multi-head self-attention; writes this step's keys and values into the layer's cache."""
     T, E = x.shape
-    qkv = linear(x, p.c_attn)  # one fused matmul for Q, K and V
-    q, k, v = (qkv[:, i * E:(i + 1) * E].reshape(T, n_head, -1).transpose(1, 0, 2) for i in range(3))
-    cache_k[:, offset:offset + T] = k
-    cache_v[:, offset:offset + T] = v
-    out = attention(q, cache_k[:, :offset + T], cache_v[:, :offset + T], offset)
+    D = E // n_head
+    qkv = linear(x, p.c_attn).reshape(T, 3, n_head, D)  # one fused matmul for Q, K and V
+    q = qkv[:, 0].transpose(1, 0, 2)  # [H, T, D]
+    q *= np.float32(1.0 / np.sqrt(D))
+    kT[:, :, offset:offset + T] = qkv[:, 1].transpose(1, 2, 0)
+    v[:, offset:offset + T] = qkv[:, 2].transpose(1, 0, 2)
+    out = attention(q, kT[:, :, :offset + T], v[:, :offset + T], offset)
     return linear(out.transpose(1, 0, 2).reshape(T, E), p.attn_proj)
 
 
@@ -126,8 +159,9 @@ def mlp(x: np.ndarray, p: Block) -> np.ndarray:
 
 def transformer_block(x: np.ndarray, p: Block, config: GPT2Config, cache: KVCache, layer: int) -> np.ndarray:
     eps = config.layer_norm_epsilon
-    x = x + mha(layer_norm(x, p.ln_1, eps), p, config.n_head, cache.k[layer], cache.v[layer], cache.length)
-    return x + mlp(layer_norm(x, p.ln_2, eps), p)
+    x = x + mha(layer_norm(x, p.ln_1, eps), p, config.n_head, cache.kT[layer], cache.v[layer], cache.length)
+    x += mlp(layer_norm(x, p.ln_2, eps), p)
+    return x
 
 
 def forward(params: Params, config: GPT2Config, ids: np.ndarray, cache: KVCache,
@@ -141,8 +175,9 @@ def forward(params: Params, config: GPT2Config, ids: np.ndarray, cache: KVCache,
     if start + T > cache.capacity:
         raise ValueError(f"{start + T} positions exceed the cache capacity of {cache.capacity}")
     x = params.wte[ids] + params.wpe[start:start + T]
-    for layer, block in enumerate(params.blocks):
-        x = transformer_block(x, block, config, cache, layer)
+    with np.errstate(over="ignore"):  # gelu's exp overflows to inf on purpose
+        for layer, block in enumerate(params.blocks):
+            x = transformer_block(x, block, config, cache, layer)
     cache.length = start + T
     if not all_logits:
         x = x[-1:]
