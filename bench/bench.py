@@ -153,6 +153,7 @@ def gemm_throughput(p: M.Params, config: GPT2Config, reps: int, rows: int = 1024
 def decode_vs_stack(model, ctx: int, steps: int) -> dict:
     """Decode steps at context `ctx`, each timed right after one run of the matmul stack."""
     cfg, p = model.config, model.params
+    steps = min(steps, cfg.n_positions - ctx)
     cache = M.KVCache(cfg, ctx + steps)
     M.forward(p, cfg, np.arange(ctx) % 50000, cache)
     stack = matmul_stack(p)

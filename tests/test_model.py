@@ -95,3 +95,12 @@ def test_real_124M_shape_matches_tensorflow(weights_124M, model_124M_dir):
     got = list(model.generate_ids(ids, 4, stop_at_eos=False))
     expected, _ = tf_reference.greedy(weights, HPARAMS_124M, ids, 4)
     assert got == expected
+
+
+def test_forward_refuses_positions_beyond_the_context(small_model_dir):
+    model = gpt2np.load(small_model_dir)
+    n = model.config.n_positions
+    cache = M.KVCache(model.config, n + 10)  # a cache larger than the model's context
+    M.forward(model.params, model.config, np.arange(n), cache)
+    with pytest.raises(ValueError, match="context"):
+        M.forward(model.params, model.config, np.array([1]), cache)

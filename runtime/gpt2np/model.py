@@ -6,6 +6,7 @@ Every constant is float32 so that NumPy never silently promotes activations to f
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
@@ -96,10 +97,21 @@ def gelu(x: np.ndarray) -> np.ndarray:
     return np.divide(x, u, out=x)
 
 
+@lru_cache(maxsize=None)
+def _mean_column(n: int) -> np.ndarray:
+    return np.full((n, 1), 1.0 / n, dtype=np.float32)
+
+
 def layer_norm(x: np.ndarray, p: LayerNorm, eps: float) -> np.ndarray:
-    xc = x - x.mean(axis=-1, keepdims=True)
-    var = np.mean(np.square(xc), axis=-1, keepdims=True)
-    xc /= np.sqrt(var + np.float32(eps))
+    """(x − mean) / √(var + eps) · g + b over the last axis.
+
+    The means are products with a column of 1/n: BLAS takes them faster than NumPy's reductions.
+    """
+    mean_of = _mean_column(x.shape[-1])
+    xc = x - x @ mean_of
+    var = np.square(xc) @ mean_of
+    var += np.float32(eps)
+    xc /= np.sqrt(var, out=var)
     xc *= p.g
     xc += p.b
     return xc
@@ -172,8 +184,9 @@ def forward(params: Params, config: GPT2Config, ids: np.ndarray, cache: KVCache,
     `all_logits`. Generation needs only the last: that saves a [T, E] x [E, V] product.
     """
     start, T = cache.length, len(ids)
-    if start + T > cache.capacity:
-        raise ValueError(f"{start + T} positions exceed the cache capacity of {cache.capacity}")
+    if start + T > min(cache.capacity, config.n_positions):
+        raise ValueError(f"{start + T} positions exceed the cache capacity ({cache.capacity}) "
+                         f"or the model's context ({config.n_positions})")
     x = params.wte[ids] + params.wpe[start:start + T]
     with np.errstate(over="ignore"):  # gelu's exp overflows to inf on purpose
         for layer, block in enumerate(params.blocks):
