@@ -123,19 +123,19 @@ def linear(x: np.ndarray, p: Linear) -> np.ndarray:
     return y
 
 
-def softmax(x: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis, in place."""
-    x -= x.max(axis=-1, keepdims=True)
-    np.exp(x, out=x)
-    x /= x.sum(axis=-1, keepdims=True)
-    return x
+@lru_cache(maxsize=8)
+def _causal_mask(rows: int) -> np.ndarray:
+    """[rows, rows]: 0 on and below the diagonal, −inf above it (the future)."""
+    return np.triu(np.full((rows, rows), -np.inf, dtype=np.float32), k=1)
 
 
 def attention(q: np.ndarray, kT: np.ndarray, v: np.ndarray, offset: int) -> np.ndarray:
     """Causal attention for queries q [H, T, D] at positions offset..offset+T-1 -> [H, T, D].
 
-    kT [H, D, S] and v [H, S, D] hold every position up to offset+T. q must already be scaled
-    by 1/√D. Long prompts go in blocks of query rows, each against only the keys it can see.
+    softmax(q·kᵀ)·v, with kT [H, D, S] and v [H, S, D] holding every position up to offset+T and
+    q already scaled by 1/√D. Long prompts go in blocks of query rows, each against only the keys
+    it can see, so the scores stay in cache. The softmax is normalised after the product with v:
+    (e·v)/Σe is the same value and divides [rows, D] numbers instead of [rows, S].
     """
     H, T, D = q.shape
     out = np.empty((H, T, D), dtype=np.float32)
@@ -143,12 +143,12 @@ def attention(q: np.ndarray, kT: np.ndarray, v: np.ndarray, offset: int) -> np.n
         stop = min(start + _ATTENTION_BLOCK, T)
         visible = offset + stop
         scores = q[:, start:stop] @ kT[:, :, :visible]  # [H, rows, visible]
-        if stop - start > 1:
-            # Row i sits at position offset+start+i: the keys after it, inside this block, are future.
-            rows = stop - start
-            future = np.triu(np.ones((rows, rows), dtype=bool), k=1)
-            scores[:, :, offset + start:visible][:, future] = -np.inf
-        np.matmul(softmax(scores), v[:, :visible], out=out[:, start:stop])
+        if stop - start > 1:  # the block's own keys include some in each row's future
+            scores[:, :, offset + start:visible] += _causal_mask(stop - start)
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        block = np.matmul(scores, v[:, :visible], out=out[:, start:stop])
+        block /= scores.sum(axis=-1, keepdims=True)
     return out
 
 
