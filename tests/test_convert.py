@@ -48,6 +48,8 @@ def test_converts_bit_for_bit(small_checkpoint, tmp_path):
         == (64, 2, 4, 64, 50257)
     assert config["model_type"] == "gpt2" and config["activation_function"] == "gelu_new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "temporary folders left behind"
+    (tmp_path / "plain").mkdir()
+    assert (tmp_path / "out").stat().st_mode == (tmp_path / "plain").stat().st_mode  # not mkdtemp's 0700
     assert b"model.safetensors" in result.stderr  # progress was shown
 
 

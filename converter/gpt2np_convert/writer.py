@@ -79,6 +79,9 @@ def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the model folder should not be
     except OSError as e:
         raise GPT2Error(f"cannot create the output folder next to {out}: {e.strerror}") from None
     try:
