@@ -201,6 +201,20 @@ def ours_ms_per_token(model, ctx: int, n: int) -> float:
 
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child started by this large
 # process would report the parent's size.
+def batch_throughput(model, batch: int = 8, prompt_tokens: int = 16, n: int = 32) -> dict:
+    """Aggregate tokens/s of `batch` prompts decoded together against one prompt at a time."""
+    prompts = [[(97 * b + i) % 50000 for i in range(prompt_tokens)] for b in range(batch)]
+    t = time.perf_counter()
+    for p in prompts:
+        model.complete(p, n, stop_at_eos=False)
+    single = time.perf_counter() - t
+    t = time.perf_counter()
+    model.generate_batch(prompts, n, stop_at_eos=False)
+    together = time.perf_counter() - t
+    return {"batch": batch, "tokens": batch * n, "one_at_a_time_tokens_per_s": batch * n / single,
+            "batch_tokens_per_s": batch * n / together, "speedup": single / together}
+
+
 PEAK_RSS = """
 import sys
 from gpt2np.cli import run
@@ -293,6 +307,7 @@ def bench_model(name: str, folder: Path, quick: bool) -> dict:
     r["decode"] = [decode_vs_stack(model, ctx, steps) for ctx in (16, 128, 256, 512, 768, 1000)]
     r["stack_ms"] = statistics.median(d["stack_ms"] for d in r["decode"])
     r["prefill"] = [prefill(model, T, r["gemm_gflops"], max(2, reps // 2)) for T in (16, 128, 512, 1024)]
+    r["batch"] = batch_throughput(model)
     r["startup_s"] = startup(folder, reps)
     r["peak_rss_bytes"] = peak_rss(folder, 512, 64 if quick else 256)
     if name in ("124M", "355M"):
@@ -358,6 +373,11 @@ def markdown(env: dict, results: list[dict], tok: dict, plotted: bool) -> str:
                       f"{r['startup_s']:.3f} s; model + tokenizer load alone: {r['load_s'] * 1000:.0f} ms.",
                   f"- Peak resident memory, 512-token prompt + generation: {rss / 1e6:.0f} MB = file size "
                   f"{'+' if rss >= size else '-'} {abs(rss - size) / 1e6:.0f} MB."]
+        if "batch" in r:
+            b = r["batch"]
+            lines.append(f"- Batch of {b['batch']} prompts decoded together ({b['tokens']} tokens, greedy): "
+                         f"{b['batch_tokens_per_s']:.0f} tokens/s in aggregate against "
+                         f"{b['one_at_a_time_tokens_per_s']:.0f} one prompt at a time: **{b['speedup']:.1f}x**.")
         for b in r.get("baseline", []):
             lines.append(f"- Baseline (picoGPT style, full recompute) at context {b['context']}: "
                          f"{b['naive_ms_per_token']:.0f} ms/token vs {b['ours_ms_per_token']:.1f}: "

@@ -37,15 +37,28 @@ def test_empty_prompt_starts_from_end_of_text(small_model_dir):
         list(model.generate_ids([model.config.eos_token_id], 4, stop_at_eos=False))
 
 
-def test_context_overflow_and_bad_ids_are_clear_errors(small_model_dir):
+def test_context_limit_stops_or_slides(small_model_dir):
     model = gpt2np.load(small_model_dir)
+    full = model.complete([1] * 60, 10, stop_at_eos=False)
+    assert (len(full.ids), full.stop_reason) == (5, "context")  # the 5th comes from position 63, the last
+    slid = model.complete([1] * 60, 10, stop_at_eos=False, sliding_window=True)
+    assert (len(slid.ids), slid.stop_reason) == (10, "length")
+    assert slid.ids[:5] == full.ids
     with pytest.raises(GPT2Error, match="context is 64"):
-        list(model.generate_ids([1] * 60, 10))
+        model.complete([1] * 65, 1)
+    assert len(model.complete([1] * 65, 3, sliding_window=True, stop_at_eos=False).ids) == 3
+
+
+def test_bad_ids_are_clear_errors(small_model_dir):
+    model = gpt2np.load(small_model_dir)
     with pytest.raises(GPT2Error, match="outside the vocabulary"):
         model.logits([1, 50257])
     with pytest.raises(GPT2Error):
         model.logits([])
-    assert list(model.generate_ids([1] * 54, 10, stop_at_eos=False))  # exactly fills the context
+    with pytest.raises(GPT2Error, match="outside the vocabulary"):
+        model.generate([-1], 3)
+    with pytest.raises(GPT2Error, match="integers"):
+        model.complete(["a"], 3)
 
 
 def test_loading_errors_name_the_problem(tmp_path, small_model_dir):

@@ -65,10 +65,15 @@ def test_text_streams_before_generation_ends(model_124M_dir):
 
 @pytest.mark.parametrize("args, stdin, fragments", [
     (["/nonexistent/model", "hi"], None, ["gpt-run: error:", "/nonexistent/model", "no such directory"]),
-    (["{model}", "hi", "-n", "100"], None, ["context is 64"]),
+    (["{model}", "-"], b" word" * 70, ["the prompt is 70 tokens", "context is 64"]),
+    (["{model}", "hi", "--score", "-"], None, ["exactly one of PROMPT, --prompts-file or --score"]),
+    (["{model}"], None, ["exactly one of PROMPT"]),
+    (["{model}", "--prompts-file", "/nonexistent.txt"], None, ["cannot read the prompts file"]),
+    (["{model}", "--score", "-", "--stride", "64"], b"text", ["stride must be a whole number from 1 to 63"]),
+    (["{model}", "hi", "--top-p", "0"], None, ["--top-p"]),
+    (["{model}", "hi", "--temperature", "-1"], None, ["--temperature"]),
     (["{model}", "-"], b"caf\xe9\n", ["not valid UTF-8"]),
     (["{model}", "hi", "-n", "-3"], None, ["-3"]),
-    (["{model}"], None, ["PROMPT"]),
 ])
 def test_errors_are_one_line_with_non_zero_exit(small_model_dir, args, stdin, fragments):
     args = [a.replace("{model}", str(small_model_dir)) for a in args]

@@ -20,12 +20,15 @@ import numpy as np
 
 from .config import GPT2Config
 from .errors import GPT2Error
-from .generate import check_ids, generate_greedy
+from .generate import STOP_REASONS, Decoder, Generation, Options, check_ids
 from .model import KVCache, Params, forward
+from .sampling import Sampling
+from .score import Score, score
 from .tokenizer import Tokenizer
 from .weights import load_gpt2_weights
 
-__all__ = ["GPT2", "GPT2Config", "GPT2Error", "Tokenizer", "load", "load_tokenizer"]
+__all__ = ["GPT2", "GPT2Config", "GPT2Error", "Generation", "STOP_REASONS", "Sampling", "Score", "TextStream",
+           "Tokenizer", "load", "load_tokenizer"]
 __version__ = "0.1.0"
 
 MODEL_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")
@@ -64,8 +67,37 @@ def load(path: str | Path) -> "GPT2":
     return GPT2(config, Params.from_weights(weights, config), tokenizer, metadata)
 
 
+class TextStream:
+    """The text of one generation, piece by piece as it is produced; iterate over it.
+
+    Pieces never split a UTF-8 character and never show part of a stop string. `result` is the
+    `Generation` (ids, text, log-probabilities, stop reason, timings), complete after iteration.
+    """
+
+    def __init__(self, decoder: Decoder):
+        self._events = decoder.events()
+        self.result: Generation = decoder.results[0]
+
+    def __iter__(self) -> Iterator[str]:
+        for _, _, text in self._events:
+            if text:
+                yield text
+
+
 class GPT2:
-    """A loaded GPT-2: its config, weights (`params`) and tokenizer."""
+    """A loaded GPT-2: its config, weights (`params`) and tokenizer.
+
+    Generation methods share these keyword arguments:
+
+    - `n_tokens`: the most tokens to generate (default 50).
+    - `temperature`, `top_k`, `top_p`, `seed`: sampling (see `gpt2np.sampling.Sampling`). Greedy by
+      default; giving `top_k` or `top_p` alone samples at temperature 1; temperature 0 is greedy.
+    - `stop`: strings that end generation when the text reaches one (the string is not included).
+    - `stop_at_eos`: stop at `<|endoftext|>` (default True; it is never part of the text).
+    - `sliding_window`: when the context (1024 positions) is full, recompute the cache over the
+      most recent half and go on, instead of stopping with stop reason "context". A prompt longer
+      than the context is an error, or with the sliding window keeps its most recent half.
+    """
 
     def __init__(self, config: GPT2Config, params: Params, tokenizer: Tokenizer,
                  metadata: dict[str, str] | None = None):
@@ -89,32 +121,49 @@ class GPT2:
             raise GPT2Error(f"logits needs 1 to {self.config.n_positions} tokens, got {len(arr)}")
         return forward(self.params, self.config, arr, KVCache(self.config, len(arr)), all_logits=True)
 
-    def generate_ids(self, prompt: str | Sequence[int], n_tokens: int = 50, *,
-                     stop_at_eos: bool = True) -> Iterator[int]:
-        """Yield generated token ids (greedy), as each is chosen.
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        """Text is encoded (empty text means unconditional: `<|endoftext|>`); ids pass through."""
+        if isinstance(prompt, str):
+            return self.encode(prompt) or [self.config.eos_token_id]
+        return [int(i) for i in check_ids(prompt, self.config)]
 
-        `prompt` is text or token ids; an empty text prompt means unconditional generation
-        (the context starts with `<|endoftext|>`). Stops after `n_tokens` or after `<|endoftext|>`.
+    def _decoder(self, prompts, n_tokens, temperature=None, top_k=None, top_p=None, seed=None, stop=(),
+                 stop_at_eos=True, sliding_window=False) -> Decoder:
+        if isinstance(stop, str):
+            stop = (stop,)
+        options = Options(n_tokens=n_tokens, sampling=Sampling(temperature, top_k, top_p, seed),
+                          stop=tuple(stop), stop_at_eos=stop_at_eos, sliding_window=sliding_window)
+        return Decoder(self.params, self.config, self.tokenizer, [self._prompt_ids(p) for p in prompts], options)
+
+    def generate(self, prompt: str | Sequence[int], n_tokens: int = 50, **options) -> TextStream:
+        """Stream the continuation of `prompt` (text or token ids) as text pieces.
+
+        Everything is checked when called; the work happens as you iterate. See the class
+        docstring for the options. The pieces join to `result.text`.
         """
-        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if isinstance(prompt, str) and not ids:
-            ids = [self.config.eos_token_id]
-        return generate_greedy(self.params, self.config, ids, n_tokens, stop_at_eos=stop_at_eos)
+        return TextStream(self._decoder([prompt], n_tokens, **options))
 
-    def generate(self, prompt: str | Sequence[int], n_tokens: int = 50, *,
-                 stop_at_eos: bool = True) -> Iterator[str]:
-        """Yield the generated text piece by piece; never splits a UTF-8 character.
+    def generate_ids(self, prompt: str | Sequence[int], n_tokens: int = 50, **options) -> Iterator[int]:
+        """Yield the generated token ids as each is chosen (including a final `<|endoftext|>`)."""
+        return (token for _, token, _ in self._decoder([prompt], n_tokens, **options).events())
 
-        Same arguments as `generate_ids`. The pieces join to `decode(generated ids)`, less the
-        final `<|endoftext|>` when generation stops there.
+    def complete(self, prompt: str | Sequence[int], n_tokens: int = 50, **options) -> Generation:
+        """Generate to the end and return the `Generation`."""
+        return self.generate_batch([prompt], n_tokens, **options)[0]
+
+    def generate_batch(self, prompts: Sequence[str | Sequence[int]], n_tokens: int = 50,
+                       **options) -> list[Generation]:
+        """Generate for several prompts at once, in one forward pass per step; results in order.
+
+        Each prompt has its own length, cache, stop rules and random stream (a `seed` gives every
+        prompt the stream it would have alone), so each result equals what `complete` gives.
         """
-        decoder = self.tokenizer.stream_decoder()
-        for token in self.generate_ids(prompt, n_tokens, stop_at_eos=stop_at_eos):
-            if stop_at_eos and token == self.config.eos_token_id:
-                break
-            piece = decoder.feed(token)
-            if piece:
-                yield piece
-        tail = decoder.flush()
-        if tail:
-            yield tail
+        decoder = self._decoder(prompts, n_tokens, **options)
+        for _ in decoder.events():
+            pass
+        return decoder.results
+
+    def score(self, text: str | Sequence[int], *, stride: int | None = None) -> Score:
+        """Per-token log-probabilities, NLL and perplexity of `text` (see `gpt2np.score`)."""
+        ids = self.encode(text) if isinstance(text, str) else [int(i) for i in check_ids(text, self.config)]
+        return score(self.params, self.config, ids, stride)

@@ -1,9 +1,11 @@
-"""`gpt-run`: generate text with a converted GPT-2 model folder, streaming to stdout."""
+"""`gpt-run`: generate or score text with a GPT-2 model folder."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -12,53 +14,161 @@ from .errors import GPT2Error
 EXIT_ERROR = 1
 
 
-def _read_prompt(prompt: str) -> str:
-    if prompt != "-":
-        return prompt
-    data = sys.stdin.buffer.read()
+def _read_text(source: str, what: str) -> str:
+    """A file's (or with `-`, stdin's) bytes as UTF-8, kept exactly."""
+    try:
+        data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    except OSError as e:
+        raise GPT2Error(f"cannot read {what} {source}: {e.strerror}") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise GPT2Error(f"the prompt on stdin is not valid UTF-8 (byte {e.start})") from None
+        name = "stdin" if source == "-" else source
+        raise GPT2Error(f"{what} {name} is not valid UTF-8 (byte {e.start})") from None
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+def _read_prompts(source: str) -> list[str]:
+    """One prompt per line (blank lines skipped), or with a `.jsonl` name one JSON object
+    {"prompt": "..."} or JSON string per line."""
+    text = _read_text(source, "the prompts file")
+    prompts = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not source.endswith(".jsonl"):
+            if line.strip():
+                prompts.append(line)
+            continue
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError as e:
+            raise GPT2Error(f"{source}:{n}: not JSON ({e.msg})") from None
+        prompt = item.get("prompt") if isinstance(item, dict) else item
+        if not isinstance(prompt, str):
+            raise GPT2Error(f'{source}:{n}: expected a JSON string or an object with a "prompt" string')
+        prompts.append(prompt)
+    if not prompts:
+        raise GPT2Error(f"the prompts file {source} holds no prompt")
+    return prompts
+
+
+class _Out:
+    """stdout as UTF-8 bytes, flushed as we go (text streams while it is generated)."""
+
+    def __init__(self):
+        self.buffer = sys.stdout.buffer
+
+    def write(self, text: str) -> None:
+        self.buffer.write(text.encode("utf-8"))
+        self.buffer.flush()
+
+
+def _stats(g) -> str:
+    prompt = len(g.prompt_ids)
+    rate = f" ({prompt / g.prefill_s:.0f} tokens/s)" if g.prefill_s > 0 else ""
+    return (f"prompt {prompt} tokens in {g.prefill_s:.3f} s{rate}; generated {len(g.ids)} tokens, "
+            f"{g.tokens_per_s:.1f} tokens/s after the first; stop: {g.stop_reason}")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("model_dir", type=click.Path(file_okay=False, path_type=str))
-@click.argument("prompt")
+@click.argument("prompt", required=False)
 @click.option("-n", "--n-tokens", default=50, show_default=True, type=click.IntRange(min=0),
               help="How many tokens to generate at most.")
-@click.option("--ignore-eos", is_flag=True,
-              help="Keep generating after <|endoftext|> instead of stopping there.")
-def run(model_dir: str, prompt: str, n_tokens: int, ignore_eos: bool) -> None:
-    """Continue PROMPT with the GPT-2 model in MODEL_DIR, greedily, streaming the new text.
+@click.option("--temperature", type=click.FloatRange(min=0), default=None,
+              help="Sample with this temperature (0 means greedy). Greedy is the default.")
+@click.option("--top-k", type=click.IntRange(min=1), default=None,
+              help="Sample only from the K most likely tokens.")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
+              help="Sample only from the smallest set of most likely tokens whose probability reaches P.")
+@click.option("--seed", type=click.IntRange(min=0), default=None,
+              help="Seed for sampling: the same seed gives the same text.")
+@click.option("--stop", multiple=True, metavar="TEXT",
+              help="Stop when the text reaches TEXT, which is not printed. Repeat for several.")
+@click.option("--ignore-eos", is_flag=True, help="Keep generating after <|endoftext|>.")
+@click.option("--sliding-window", is_flag=True,
+              help="When the context is full, go on over its most recent half (recomputed) instead of stopping.")
+@click.option("--prompts-file", metavar="FILE",
+              help="Generate for every prompt in FILE (- for stdin), decoded together; JSON lines out.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+              help="With --prompts-file: how many prompts decode together.")
+@click.option("--score", "score_source", metavar="FILE",
+              help="Score the text in FILE (- for stdin): log-probabilities, NLL, perplexity.")
+@click.option("--stride", type=click.IntRange(min=1), default=None,
+              help="With --score: how far the window moves for texts longer than the context [default: half of it].")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object (ids, text, log-probabilities, stop reason, timings) instead of text.")
+@click.option("--stats", is_flag=True, help="Print token counts, speed and times to stderr.")
+def run(model_dir, prompt, n_tokens, temperature, top_k, top_p, seed, stop, ignore_eos, sliding_window,
+        prompts_file, batch_size, score_source, stride, as_json, stats):
+    """Continue PROMPT with the GPT-2 model in MODEL_DIR, streaming the new text to stdout.
 
     MODEL_DIR is a folder made by `gpt-convert` (or a Hugging Face GPT-2 folder saved as
     safetensors). PROMPT is the text to continue; `-` reads it from stdin as UTF-8, kept
     byte for byte (a trailing newline is part of the prompt). An empty prompt generates
-    unconditionally, from <|endoftext|>. Only the generated text is printed, as each
-    token is chosen; generation stops after N tokens or at <|endoftext|>.
+    unconditionally, from <|endoftext|>. Only the generated text is printed, as each token
+    is chosen.
 
-    Prompt plus N tokens must fit in the model's context (1024 positions for GPT-2).
+    Decoding is greedy unless --temperature, --top-k or --top-p is given. Generation stops
+    after N tokens, at <|endoftext|>, at a --stop string, or when the model's context (1024
+    positions) is full: a note on stderr says so, and --sliding-window goes on instead.
+
+    \b
+    Instead of PROMPT:
+      --prompts-file FILE   one prompt per line (a FILE.jsonl: {"prompt": ...} per line);
+                            prints one JSON object per prompt, in input order
+      --score FILE          prints the text's token count, NLL and perplexity
+                            (with --json, every token's log-probability too)
+
     Errors go to stderr as one line, with exit status 1 (2 for bad usage).
     """
+    modes = [m for m, given in (("PROMPT", prompt is not None), ("--prompts-file", prompts_file),
+                                ("--score", score_source)) if given]
+    if len(modes) != 1:
+        raise click.UsageError("give exactly one of PROMPT, --prompts-file or --score"
+                               + (f" (got {' and '.join(modes)})" if modes else ""))
     from . import load  # imported here so that --help does not pay for NumPy
 
-    text = _read_prompt(prompt)
     model = load(model_dir)
-    out = sys.stdout.buffer
-    for piece in model.generate(text, n_tokens, stop_at_eos=not ignore_eos):
-        out.write(piece.encode("utf-8"))
-        out.flush()
-    if out.isatty():
-        out.write(b"\n")  # leave the shell prompt on a line of its own; pipes get the exact text
-    out.flush()
+    out = _Out()
+    if score_source:
+        result = model.score(_read_text(score_source, "the text to score"), stride=stride)
+        if as_json:
+            out.write(json.dumps(result.to_dict()) + "\n")
+        else:
+            out.write(f"tokens: {len(result.ids)}\nnll: {result.nll:.6f}\nperplexity: {result.perplexity:.6f}\n")
+        return
+    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
+                   stop_at_eos=not ignore_eos, sliding_window=sliding_window)
+    if prompts_file:
+        prompts = _read_prompts(prompts_file)
+        for first in range(0, len(prompts), batch_size):
+            chunk = prompts[first:first + batch_size]
+            for i, (p, g) in enumerate(zip(chunk, model.generate_batch(chunk, n_tokens, **options)), first):
+                out.write(json.dumps({"index": i, "prompt": p, **g.to_dict()}, ensure_ascii=False) + "\n")
+                if stats:
+                    print(f"gpt-run: [{i}] {_stats(g)}", file=sys.stderr)
+        return
+    text = _read_text("-", "the prompt on stdin") if prompt == "-" else prompt
+    stream = model.generate(text, n_tokens, **options)
+    for piece in stream:
+        if not as_json:
+            out.write(piece)
+    g = stream.result
+    if as_json:
+        out.write(json.dumps({"prompt": text, **g.to_dict()}, ensure_ascii=False) + "\n")
+    elif sys.stdout.isatty():
+        out.write("\n")  # leave the shell prompt on a line of its own; pipes get the exact text
+    if g.stop_reason == "context":
+        print(f"gpt-run: stopped: the model's context of {model.config.n_positions} positions is full "
+              "(--sliding-window goes on)", file=sys.stderr)
+    if stats:
+        print(f"gpt-run: {_stats(g)}", file=sys.stderr)
 
 
 def main() -> None:
     try:
         run.main(prog_name="gpt-run", standalone_mode=False)
-    except click.exceptions.Abort:
-        sys.exit(130)
     except click.UsageError as e:
         print(f"gpt-run: error: {e.format_message()} (see 'gpt-run --help')", file=sys.stderr)
         sys.exit(e.exit_code)
@@ -72,7 +182,7 @@ def main() -> None:
         # The reader went away (`gpt-run ... | head`): stop quietly, as Unix tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, click.exceptions.Abort):
         sys.exit(130)
     except OSError as e:
         print(f"gpt-run: error: {e}", file=sys.stderr)

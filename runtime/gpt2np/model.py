@@ -152,47 +152,83 @@ def attention(q: np.ndarray, kT: np.ndarray, v: np.ndarray, offset: int) -> np.n
     return out
 
 
-def mha(x: np.ndarray, p: Block, n_head: int, kT: np.ndarray, v: np.ndarray, offset: int) -> np.ndarray:
-    """Multi-head self-attention; writes this step's keys and values into the layer's cache."""
-    T, E = x.shape
+class Segment(NamedTuple):
+    """Rows `rows` of the activations continue the sequence held in `cache`.
+
+    A forward pass may carry several sequences at once (a batch): the weight matmuls serve all
+    rows together, and only attention, which each sequence does against its own cache, goes
+    segment by segment.
+    """
+    rows: slice
+    cache: KVCache
+
+
+def mha(x: np.ndarray, p: Block, n_head: int, segments: list[Segment], layer: int) -> np.ndarray:
+    """Multi-head self-attention; writes the new keys and values into each sequence's cache."""
+    N, E = x.shape
     D = E // n_head
-    qkv = linear(x, p.c_attn).reshape(T, 3, n_head, D)  # one fused matmul for Q, K and V
-    q = qkv[:, 0].transpose(1, 0, 2)  # [H, T, D]
-    q *= np.float32(1.0 / np.sqrt(D))
-    kT[:, :, offset:offset + T] = qkv[:, 1].transpose(1, 2, 0)
-    v[:, offset:offset + T] = qkv[:, 2].transpose(1, 0, 2)
-    out = attention(q, kT[:, :, :offset + T], v[:, :offset + T], offset)
-    return linear(out.transpose(1, 0, 2).reshape(T, E), p.attn_proj)
+    qkv = linear(x, p.c_attn).reshape(N, 3, n_head, D)  # one fused matmul for Q, K and V
+    out = np.empty((N, E), dtype=np.float32)
+    for rows, cache in segments:
+        T, start = rows.stop - rows.start, cache.length
+        kT, v = cache.kT[layer], cache.v[layer]
+        q = qkv[rows, 0].transpose(1, 0, 2)  # [H, T, D]
+        q *= np.float32(1.0 / np.sqrt(D))
+        kT[:, :, start:start + T] = qkv[rows, 1].transpose(1, 2, 0)
+        v[:, start:start + T] = qkv[rows, 2].transpose(1, 0, 2)
+        heads = attention(q, kT[:, :, :start + T], v[:, :start + T], start)
+        out[rows] = heads.transpose(1, 0, 2).reshape(T, E)
+    return linear(out, p.attn_proj)
 
 
 def mlp(x: np.ndarray, p: Block) -> np.ndarray:
     return linear(gelu(linear(x, p.c_fc)), p.mlp_proj)
 
 
-def transformer_block(x: np.ndarray, p: Block, config: GPT2Config, cache: KVCache, layer: int) -> np.ndarray:
+def transformer_block(x: np.ndarray, p: Block, config: GPT2Config, segments: list[Segment], layer: int) -> np.ndarray:
     eps = config.layer_norm_epsilon
-    x = x + mha(layer_norm(x, p.ln_1, eps), p, config.n_head, cache.kT[layer], cache.v[layer], cache.length)
+    x = x + mha(layer_norm(x, p.ln_1, eps), p, config.n_head, segments, layer)
     x += mlp(layer_norm(x, p.ln_2, eps), p)
     return x
 
 
+def transformer(params: Params, config: GPT2Config, batch: list[tuple[np.ndarray, KVCache]],
+                all_positions: bool = False) -> list[np.ndarray]:
+    """Run each sequence's new `ids` (the positions after those in its cache) through GPT-2.
+
+    Extends every cache and returns, per sequence, the final hidden state (after ln_f) of its
+    last position [1, E], or of every new position [T, E] with `all_positions`.
+    """
+    segments, embeddings, row = [], [], 0
+    for ids, cache in batch:
+        start, T = cache.length, len(ids)
+        if T == 0 or start + T > min(cache.capacity, config.n_positions):
+            raise ValueError(f"{T} new positions after {start} do not fit the cache capacity "
+                             f"({cache.capacity}) or the model's context ({config.n_positions})")
+        embeddings.append(params.wte[ids] + params.wpe[start:start + T])
+        segments.append(Segment(slice(row, row + T), cache))
+        row += T
+    x = np.concatenate(embeddings) if len(embeddings) > 1 else embeddings[0]
+    with np.errstate(over="ignore"):  # gelu's exp overflows to inf on purpose
+        for layer, block in enumerate(params.blocks):
+            x = transformer_block(x, block, config, segments, layer)
+    for rows, cache in segments:
+        cache.length += rows.stop - rows.start
+    picked = [x[rows] if all_positions else x[rows.stop - 1:rows.stop] for rows, _ in segments]
+    return [layer_norm(h, params.ln_f, config.layer_norm_epsilon) for h in picked]
+
+
+def lm_head(params: Params, h: np.ndarray) -> np.ndarray:
+    """Logits from final hidden states: the LM head is the token embedding matrix (tied)."""
+    return h @ params.wte.T
+
+
 def forward(params: Params, config: GPT2Config, ids: np.ndarray, cache: KVCache,
             all_logits: bool = False) -> np.ndarray:
-    """Run `ids` (the next positions after those in `cache`) through GPT-2 and extend the cache.
+    """Run one sequence's new `ids` through GPT-2 and extend its cache.
 
     Returns the logits of the last position [V], or of every new position [T, V] with
     `all_logits`. Generation needs only the last: that saves a [T, E] x [E, V] product.
     """
-    start, T = cache.length, len(ids)
-    if start + T > min(cache.capacity, config.n_positions):
-        raise ValueError(f"{start + T} positions exceed the cache capacity ({cache.capacity}) "
-                         f"or the model's context ({config.n_positions})")
-    x = params.wte[ids] + params.wpe[start:start + T]
-    with np.errstate(over="ignore"):  # gelu's exp overflows to inf on purpose
-        for layer, block in enumerate(params.blocks):
-            x = transformer_block(x, block, config, cache, layer)
-    cache.length = start + T
-    if not all_logits:
-        x = x[-1:]
-    logits = layer_norm(x, params.ln_f, config.layer_norm_epsilon) @ params.wte.T
+    logits = lm_head(params, transformer(params, config, [(ids, cache)], all_positions=all_logits)[0])
     return logits if all_logits else logits[0]

@@ -1,0 +1,150 @@
+"""Generation beyond greedy: stop strings, batches, sliding window, log-probabilities, CLI output."""
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import gpt2np
+from gpt2np.generate import StopStrings
+from conftest import SMALL_HPARAMS, run_cli
+
+tf_reference = pytest.importorskip("tf_reference")
+
+
+@pytest.fixture(scope="module")
+def model(small_model_dir):
+    return gpt2np.load(small_model_dir)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="abc\n", max_size=30), st.lists(st.integers(0, 30), max_size=6),
+       st.lists(st.text(alphabet="abc\n", min_size=1, max_size=3), min_size=1, max_size=3))
+def test_stop_strings_stream_safely(text, cuts, stops):
+    cuts = sorted(set(c for c in cuts if c <= len(text)))
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+    first = min((i for i in (text.find(s) for s in stops) if i >= 0), default=None)
+    expected = text if first is None else text[:first]
+    matcher, shown, stopped = StopStrings(stops), "", False
+    for piece in pieces:
+        out, stopped = matcher.feed(piece)
+        shown += out
+        assert expected.startswith(shown)  # nothing shown is ever taken back
+        assert not any(s in shown for s in stops)
+        if stopped:
+            break
+    if not stopped:
+        shown += matcher.flush()
+    assert shown == expected and stopped == (first is not None)
+
+
+def test_stop_string_ends_generation(model):
+    plain = model.complete("Once upon a time", 30, stop_at_eos=False)
+    stop = plain.text[10:13]
+    assert len(stop) == 3
+    cut = model.generate("Once upon a time", 30, stop_at_eos=False, stop=[stop, "never appears"])
+    pieces = list(cut)
+    g = cut.result
+    assert g.stop_reason == "stop"
+    assert "".join(pieces) == g.text == plain.text[:plain.text.index(stop)]
+    assert g.ids == plain.ids[:len(g.ids)] and len(g.ids) < 30
+
+
+def test_stop_reasons(model):
+    assert model.complete("Hi", 5, stop_at_eos=False).stop_reason == "length"
+    assert model.complete("Hi", 0).stop_reason == "length" and model.complete("Hi", 0).ids == []
+    assert model.complete([1] * 62, 9, stop_at_eos=False).stop_reason == "context"
+
+
+def test_batch_equals_one_prompt_at_a_time(model):
+    prompts = ["Hello", "The quick brown fox jumps over", "日本語", "a b c d e f g h i j k l m n o p",
+               "x", "Once upon a time there was", "1 2 3", "¿Qué?"]
+    batch = model.generate_batch(prompts, 20, stop_at_eos=False)
+    singles = [model.complete(p, 20, stop_at_eos=False) for p in prompts]
+    assert [b.ids for b in batch] == [s.ids for s in singles]
+    assert [b.text for b in batch] == [s.text for s in singles]
+    np.testing.assert_allclose([b.logprobs for b in batch], [s.logprobs for s in singles], atol=1e-5)
+    # Each prompt keeps its own stop rule and stopping point.
+    stop = singles[1].text[4:7]
+    mixed = model.generate_batch(prompts, 20, stop_at_eos=False, stop=[stop])
+    assert mixed[1].stop_reason == "stop" and len(mixed[1].ids) < 20
+    assert [m.ids for m in mixed] == [model.complete(p, 20, stop_at_eos=False, stop=[stop]).ids for p in prompts]
+
+
+def test_batch_sampling_with_a_seed_equals_single(model):
+    prompts = ["alpha", "beta gamma", "delta"]
+    opts = dict(temperature=1.2, top_k=50, top_p=0.95, seed=7, stop_at_eos=False)
+    batch = model.generate_batch(prompts, 15, **opts)
+    assert [b.ids for b in batch] == [model.complete(p, 15, **opts).ids for p in prompts]
+    assert model.complete("alpha", 15, **opts).ids == batch[0].ids  # reproducible
+    assert model.complete("alpha", 15, **{**opts, "seed": 8}).ids != batch[0].ids
+
+
+def test_sliding_window_continues_from_the_recent_half(model):
+    prompt = list(range(1000, 1060))
+    g = model.complete(prompt, 12, stop_at_eos=False, sliding_window=True)
+    assert len(g.ids) == 12 and g.stop_reason == "length"
+    # 5 tokens fill the 64 positions; then the cache is rebuilt from the last 32 tokens.
+    assert g.ids[:5] == model.complete(prompt, 5, stop_at_eos=False).ids
+    window = (prompt + g.ids[:5])[-32:]
+    assert g.ids[5:] == model.complete(window, 7, stop_at_eos=False).ids
+
+
+def test_logprobs_match_the_reference(model, small_weights):
+    g = model.complete("The meaning of life", 10, stop_at_eos=False)
+    ids = g.prompt_ids + g.ids
+    ref = tf_reference.logits(small_weights, SMALL_HPARAMS, ids).astype(np.float64)
+    ref_lp = ref - np.log(np.exp(ref - ref.max(1, keepdims=True)).sum(1, keepdims=True)) - ref.max(1, keepdims=True)
+    n = len(g.prompt_ids)
+    expected = [ref_lp[n - 1 + i, t] for i, t in enumerate(g.ids)]
+    np.testing.assert_allclose(g.logprobs, expected, atol=1e-4)
+
+
+def test_cli_sampling_is_reproducible_and_json_is_complete(small_model_dir):
+    args = [str(small_model_dir), "Hello there", "-n", "12", "--temperature", "0.9", "--top-k", "40",
+            "--top-p", "0.95", "--seed", "3", "--ignore-eos"]
+    a, b = run_cli("gpt-run", *args), run_cli("gpt-run", *args)
+    assert a.returncode == 0 and a.stdout == b.stdout and a.stdout
+    j = run_cli("gpt-run", *args, "--json", "--stats")
+    assert j.returncode == 0, j.stderr
+    out = json.loads(j.stdout)
+    assert out["text"].encode() == a.stdout and len(out["ids"]) == len(out["logprobs"]) == 12
+    assert out["prompt"] == "Hello there" and out["stop_reason"] == "length" and out["prompt_ids"]
+    assert set(out["timings"]) == {"prefill_s", "decode_s", "tokens_per_s"}
+    assert b"tokens/s" in j.stderr
+    greedy = run_cli("gpt-run", str(small_model_dir), "Hello there", "-n", "12", "--ignore-eos")
+    assert greedy.stdout != a.stdout
+
+
+def test_cli_stop_strings_and_context_note(small_model_dir, model):
+    text = model.complete("Once upon a time", 30, stop_at_eos=False).text
+    stop = text[6:9]
+    r = run_cli("gpt-run", str(small_model_dir), "Once upon a time", "-n", "30", "--ignore-eos", "--stop", stop)
+    assert r.returncode == 0 and r.stdout.decode() == text[:text.index(stop)]
+    full = run_cli("gpt-run", str(small_model_dir), "word " * 50, "-n", "40", "--ignore-eos")
+    assert full.returncode == 0 and b"context of 64 positions is full" in full.stderr
+    slid = run_cli("gpt-run", str(small_model_dir), "word " * 50, "-n", "40", "--ignore-eos", "--sliding-window",
+                   "--json")
+    assert json.loads(slid.stdout)["stop_reason"] == "length" and len(json.loads(slid.stdout)["ids"]) == 40
+
+
+def test_cli_prompts_file_gives_json_lines_in_order(tmp_path, small_model_dir, model):
+    prompts = ["first prompt", "second, longer prompt here", "", "third ☃"]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"prompt": p}) for p in prompts + ["line\nbreak"]))
+    r = run_cli("gpt-run", str(small_model_dir), "--prompts-file", str(tmp_path / "p.txt"), "-n", "8",
+                "--ignore-eos", "--batch-size", "2")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in r.stdout.decode().splitlines()]
+    kept = [p for p in prompts if p.strip()]  # blank lines are skipped in a text file
+    assert [x["index"] for x in lines] == list(range(len(kept))) and [x["prompt"] for x in lines] == kept
+    assert [x["ids"] for x in lines] == [model.complete(p, 8, stop_at_eos=False).ids for p in kept]
+    r = run_cli("gpt-run", str(small_model_dir), "--prompts-file", "-", "-n", "4",
+                input=(tmp_path / "p.txt").read_bytes())
+    assert len(r.stdout.splitlines()) == len(kept)
+    r = run_cli("gpt-run", str(small_model_dir), "--prompts-file", str(tmp_path / "p.jsonl"), "-n", "4")
+    assert [json.loads(x)["prompt"] for x in r.stdout.decode().splitlines()] == prompts + ["line\nbreak"]
+    (tmp_path / "bad.jsonl").write_text('{"prompt": 3}\n')
+    bad = run_cli("gpt-run", str(small_model_dir), "--prompts-file", str(tmp_path / "bad.jsonl"))
+    assert bad.returncode == 1 and b"bad.jsonl:1" in bad.stderr

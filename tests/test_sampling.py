@@ -1,0 +1,113 @@
+"""Sampling: the distributions themselves, not only that something came out."""
+
+import numpy as np
+import pytest
+
+from gpt2np import GPT2Error, Sampling
+from gpt2np.sampling import candidates, choose, log_softmax
+
+
+def softmax64(z):
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def nucleus(logits, temperature, p):
+    """The smallest set of most likely tokens whose probability reaches p, by full sort."""
+    probs = softmax64(logits.astype(np.float64) / temperature)
+    order = np.lexsort((np.arange(len(probs)), -probs))
+    mass = np.cumsum(probs[order])
+    return set(order[:int(np.argmax(mass >= p)) + 1].tolist()), probs
+
+
+@pytest.fixture
+def logits():
+    return np.random.default_rng(3).standard_normal(50257).astype(np.float32) * 3
+
+
+def test_greedy_is_the_default_and_temperature_zero():
+    assert Sampling().greedy and Sampling(temperature=0).greedy and Sampling(temperature=0, top_k=5).greedy
+    assert not Sampling(top_k=5).greedy and not Sampling(top_p=0.9).greedy and not Sampling(temperature=0.7).greedy
+    z = np.array([0.1, 3.0, 3.0, -1.0], np.float32)
+    assert choose(z, Sampling(), None) == 1  # argmax, lowest id on a tie
+
+
+@pytest.mark.parametrize("k", [1, 2, 40, 1000])
+def test_top_k_never_leaves_the_k_best(logits, k):
+    best = set(np.argsort(-logits.astype(np.float64), kind="stable")[:k].tolist())
+    ids, p = candidates(logits, Sampling(top_k=k))
+    assert set(ids.tolist()) == best and np.isclose(p.sum(), 1) and np.all(np.diff(p) <= 0)
+    rng = Sampling(top_k=k, seed=0).rng()
+    drawn = {choose(logits, Sampling(top_k=k), rng) for _ in range(3000)}
+    assert drawn <= best
+    if k <= 40:
+        assert len(drawn) > 1 or k == 1
+
+
+@pytest.mark.parametrize("p", [0.01, 0.5, 0.9, 0.999])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_top_p_keeps_the_smallest_set_reaching_p_after_temperature(logits, p, temperature):
+    expected, probs = nucleus(logits, temperature, p)
+    ids, q = candidates(logits, Sampling(temperature=temperature, top_p=p))
+    kept = set(ids.tolist())
+    assert kept == expected
+    mass = probs[list(kept)].sum()
+    assert mass >= p - 1e-12
+    assert mass - probs[ids[-1]] < p  # without its least likely member the set falls short
+    np.testing.assert_allclose(q, probs[ids] / mass, rtol=1e-9)
+
+
+def test_temperature_is_applied_before_filtering(logits):
+    cold = set(candidates(logits, Sampling(temperature=0.5, top_p=0.9))[0].tolist())
+    hot = set(candidates(logits, Sampling(temperature=2.0, top_p=0.9))[0].tolist())
+    assert len(cold) < len(hot)  # a flatter distribution needs more tokens to reach p
+    assert cold == nucleus(logits, 0.5, 0.9)[0]
+
+
+def test_top_p_within_top_k_uses_the_renormalised_top_k(logits):
+    k, p = 50, 0.5
+    top = np.argsort(-logits.astype(np.float64), kind="stable")[:k]
+    probs = softmax64(logits[top].astype(np.float64))
+    n = int(np.argmax(np.cumsum(probs) >= p)) + 1
+    ids, _ = candidates(logits, Sampling(top_k=k, top_p=p))
+    assert ids.tolist() == top[:n].tolist()
+
+
+def test_draws_follow_the_distribution():
+    z = np.log(np.array([0.5, 0.25, 0.125, 0.0625, 0.0625])).astype(np.float32)
+    rng = Sampling(seed=1).rng()
+    draws = np.array([choose(z, Sampling(temperature=1.0), rng) for _ in range(40000)])
+    freq = np.bincount(draws, minlength=5) / len(draws)
+    np.testing.assert_allclose(freq, [0.5, 0.25, 0.125, 0.0625, 0.0625], atol=0.01)
+    # temperature 2 flattens: p ∝ sqrt(p)
+    rng = Sampling(seed=2).rng()
+    draws = np.array([choose(z, Sampling(temperature=2.0), rng) for _ in range(40000)])
+    flat = np.sqrt([0.5, 0.25, 0.125, 0.0625, 0.0625])
+    np.testing.assert_allclose(np.bincount(draws, minlength=5) / len(draws), flat / flat.sum(), atol=0.01)
+
+
+def test_same_seed_same_tokens(logits):
+    s = Sampling(temperature=1.0, top_k=100, seed=1234)
+    a = [choose(logits, s, r) for r in [s.rng()] for _ in range(50)]
+    b = [choose(logits, s, r) for r in [s.rng()] for _ in range(50)]
+    c = [choose(logits, Sampling(temperature=1.0, top_k=100, seed=99), r) for r in [Sampling(seed=99).rng()]
+         for _ in range(50)]
+    assert a == b and a != c
+
+
+def test_the_random_stream_is_pcg64_everywhere():
+    """The draw sequence of a seed is fixed by NumPy's PCG64 specification, not by the machine."""
+    assert Sampling(seed=0).rng().random(3).tolist() == pytest.approx(
+        [0.6369616873214543, 0.2697867137638703, 0.04097352393619469], abs=0)
+
+
+def test_log_softmax_is_normalised(logits):
+    lp = log_softmax(logits)
+    assert lp.dtype == np.float64 and np.isclose(np.exp(lp).sum(), 1.0)
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(temperature=float("nan")), dict(top_k=0),
+                                    dict(top_k=2.5), dict(top_p=0), dict(top_p=1.5), dict(seed=-1)])
+def test_bad_values_are_errors(kwargs):
+    with pytest.raises(GPT2Error):
+        Sampling(**kwargs)

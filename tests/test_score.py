@@ -1,0 +1,71 @@
+"""Scoring against an independent computation with the TensorFlow reference."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+import gpt2np
+from gpt2np import GPT2Error
+from conftest import SMALL_HPARAMS, run_cli
+
+tf_reference = pytest.importorskip("tf_reference")
+EOS = 50256
+
+
+def reference_logprobs(weights, ids, window, stride):
+    """The documented method, computed with the TF model: [eos] + ids, windows of `window`
+    positions moving by `stride`, each scoring the tokens no earlier window scored."""
+    seq = [EOS] + ids
+    out, scored, begin = [], 1, 0
+    while scored < len(seq):
+        end = min(begin + window, len(seq))
+        z = tf_reference.logits(weights, SMALL_HPARAMS, seq[begin:end]).astype(np.float64)
+        lp = z - z.max(1, keepdims=True)
+        lp -= np.log(np.exp(lp).sum(1, keepdims=True))
+        out += [lp[j - 1 - begin, seq[j]] for j in range(scored, end)]
+        scored, begin = end, begin + stride
+    return out
+
+
+def test_short_text_scores_every_token(small_model_dir, small_weights):
+    model = gpt2np.load(small_model_dir)
+    text = "The cat sat on the mat."
+    s = model.score(text)
+    assert s.ids == model.encode(text)
+    np.testing.assert_allclose(s.logprobs, reference_logprobs(small_weights, s.ids, 64, 32), atol=1e-4)
+    assert math.isclose(s.nll, -sum(s.logprobs)) and math.isclose(s.perplexity, math.exp(s.nll / len(s.ids)))
+
+
+@pytest.mark.parametrize("stride", [None, 1, 20, 63])
+def test_long_text_uses_the_sliding_window(small_model_dir, small_weights, stride):
+    model = gpt2np.load(small_model_dir)
+    text = " ".join(f"word{i}" for i in range(60))  # well over the 64-position context
+    s = model.score(text, stride=stride)
+    assert len(s.ids) == 120 and len(s.logprobs) == len(s.ids)
+    expected = reference_logprobs(small_weights, s.ids, 64, stride or 32)
+    np.testing.assert_allclose(s.logprobs, expected, atol=1e-4)
+
+
+def test_score_errors(small_model_dir):
+    model = gpt2np.load(small_model_dir)
+    with pytest.raises(GPT2Error, match="nothing to score"):
+        model.score("")
+    with pytest.raises(GPT2Error, match="stride"):
+        model.score("abc", stride=64)
+
+
+def test_cli_score(small_model_dir, tmp_path):
+    model = gpt2np.load(small_model_dir)
+    text = "Scoring from a file, with ünïcode.\n"
+    (tmp_path / "t.txt").write_text(text)
+    s = model.score(text)
+    r = run_cli("gpt-run", str(small_model_dir), "--score", str(tmp_path / "t.txt"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().splitlines() == [f"tokens: {len(s.ids)}", f"nll: {s.nll:.6f}",
+                                              f"perplexity: {s.perplexity:.6f}"]
+    j = run_cli("gpt-run", str(small_model_dir), "--score", "-", "--json", "--stride", "10", input=text.encode())
+    out = json.loads(j.stdout)
+    assert out["ids"] == s.ids and out["stride"] == 10 and out["window"] == 64
+    np.testing.assert_allclose(out["logprobs"], s.logprobs, atol=1e-6)
