@@ -129,7 +129,8 @@ def _causal_mask(rows: int) -> np.ndarray:
     return np.triu(np.full((rows, rows), -np.inf, dtype=np.float32), k=1)
 
 
-def attention(q: np.ndarray, kT: np.ndarray, v: np.ndarray, offset: int) -> np.ndarray:
+def attention(q: np.ndarray, kT: np.ndarray, v: np.ndarray, offset: int,
+              out: np.ndarray | None = None) -> np.ndarray:
     """Causal attention for queries q [H, T, D] at positions offset..offset+T-1 -> [H, T, D].
 
     softmax(q·kᵀ)·v, with kT [H, D, S] and v [H, S, D] holding every position up to offset+T and
@@ -138,17 +139,20 @@ def attention(q: np.ndarray, kT: np.ndarray, v: np.ndarray, offset: int) -> np.n
     (e·v)/Σe is the same value and divides [rows, D] numbers instead of [rows, S].
     """
     H, T, D = q.shape
-    out = np.empty((H, T, D), dtype=np.float32)
+    out = np.empty((H, T, D), dtype=np.float32) if out is None else out
     for start in range(0, T, _ATTENTION_BLOCK):
         stop = min(start + _ATTENTION_BLOCK, T)
         visible = offset + stop
-        scores = q[:, start:stop] @ kT[:, :, :visible]  # [H, rows, visible]
-        if stop - start > 1:  # the block's own keys include some in each row's future
-            scores[:, :, offset + start:visible] += _causal_mask(stop - start)
-        scores -= scores.max(axis=-1, keepdims=True)
-        np.exp(scores, out=scores)
-        block = np.matmul(scores, v[:, :visible], out=out[:, start:stop])
-        block /= scores.sum(axis=-1, keepdims=True)
+        # Several rows: one head at a time, so the block's scores stay in L2 through the passes
+        # below. One row (decoding): all heads in one product, as the call overhead dominates.
+        for heads in [slice(h, h + 1) for h in range(H)] if stop - start > 1 else [slice(0, H)]:
+            scores = q[heads, start:stop] @ kT[heads, :, :visible]  # [heads, rows, visible]
+            if stop - start > 1:  # the block's own keys include some in each row's future
+                scores[:, :, offset + start:visible] += _causal_mask(stop - start)
+            scores -= scores.max(axis=-1, keepdims=True)
+            np.exp(scores, out=scores)
+            block = np.matmul(scores, v[heads, :visible], out=out[heads, start:stop])
+            block /= scores.sum(axis=-1, keepdims=True)
     return out
 
 
@@ -176,8 +180,9 @@ def mha(x: np.ndarray, p: Block, n_head: int, segments: list[Segment], layer: in
         q *= np.float32(1.0 / np.sqrt(D))
         kT[:, :, start:start + T] = qkv[rows, 1].transpose(1, 2, 0)
         v[:, start:start + T] = qkv[rows, 2].transpose(1, 0, 2)
-        heads = attention(q, kT[:, :, :start + T], v[:, :start + T], start)
-        out[rows] = heads.transpose(1, 0, 2).reshape(T, E)
+        # The heads' outputs land straight in their columns of `out`, [T, H·D] seen as [H, T, D].
+        heads_out = out[rows].reshape(T, n_head, D).transpose(1, 0, 2)
+        attention(q, kT[:, :, :start + T], v[:, :start + T], start, out=heads_out)
     return linear(out, p.attn_proj)
 
 
