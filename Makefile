@@ -8,7 +8,7 @@ PROMPT ?= Alan Turing theorized that computers would one day
 N      ?= 50
 MODELS ?= models
 
-.PHONY: install run test bench deploy-check clean
+.PHONY: install run test fuzz bench deploy-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ run: install
 ## test: the whole test suite (it includes the TensorFlow-free deployment check)
 test: install
 	$(BIN)/python -m pytest -q
+
+## fuzz: the fuzz tests with a large budget (20,000 examples each; CI runs 200)
+fuzz: install
+	GPT2NP_FUZZ_EXAMPLES=$${GPT2NP_FUZZ_EXAMPLES:-20000} $(BIN)/python -m pytest -q tests/test_fuzz.py
 
 ## bench: speed against this machine's ceilings; writes bench/results/{RESULTS.md,results.json,bench.png}
 bench: install

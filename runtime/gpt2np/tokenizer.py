@@ -110,6 +110,8 @@ class Tokenizer:
                 raise GPT2Error(f"{merges_path}:{n}: a merge must be two tokens separated by one space")
             merges.append((parts[0], parts[1]))
         digests = (hashlib.sha256(vocab_bytes).hexdigest(), hashlib.sha256(merges_bytes).hexdigest())
+        if digests != _GPT2_SHA256:  # OpenAI's own files are known good; check anything else
+            _check_vocabulary(encoder, merges, vocab_path, merges_path)
         return cls(encoder, merges, gpt2_vocab=digests == _GPT2_SHA256)
 
     @property
@@ -251,6 +253,24 @@ class Tokenizer:
     def stream_decoder(self) -> "StreamDecoder":
         """A decoder for one token at a time that never emits half of a UTF-8 character."""
         return StreamDecoder(self)
+
+
+def _check_vocabulary(encoder: dict[str, int], merges: list[tuple[str, str]], vocab_path, merges_path) -> None:
+    """A byte-level BPE vocabulary the tokenizer can use without surprises, or a clear error."""
+    if sorted(encoder.values()) != list(range(len(encoder))):
+        raise GPT2Error(f"{vocab_path}: token ids must be 0..{len(encoder) - 1}, each used once")
+    byte_chars = set(bytes_to_unicode().values())
+    missing = [c for c in byte_chars if c not in encoder]
+    if missing:
+        raise GPT2Error(f"{vocab_path}: {len(missing)} of the 256 byte tokens are missing (e.g. {missing[0]!r})")
+    for token in encoder:
+        if token != ENDOFTEXT and not set(token) <= byte_chars:
+            raise GPT2Error(f"{vocab_path}: token {token[:50]!r} is not made of GPT-2's byte characters")
+    for n, (first, second) in enumerate(merges, start=2):
+        for part in (first, second, first + second):
+            if part not in encoder:
+                raise GPT2Error(f"{merges_path}:{n}: merge {first} {second} needs {part[:50]!r}, "
+                                "which is not in vocab.json")
 
 
 def _merge_all(parts: list[str], first: str, second: str, i: int) -> list[str]:

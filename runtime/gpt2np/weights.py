@@ -12,7 +12,6 @@ the file's size before anything is allocated from it.
 from __future__ import annotations
 
 import json
-import math
 import mmap
 import os
 import struct
@@ -31,6 +30,19 @@ DTYPES = {
     "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
 }
+
+
+def _element_count(shape: list[int], limit: int) -> int:
+    """The product of `shape`, or limit + 1 as soon as it exceeds `limit` (so a hostile shape with
+    huge or many dimensions costs no big-number arithmetic: it is simply a mismatch)."""
+    if 0 in shape:
+        return 0
+    count = 1
+    for d in shape:
+        count *= d
+        if count > limit:
+            return limit + 1
+    return count
 
 
 class SafetensorsFile:
@@ -69,7 +81,7 @@ class SafetensorsFile:
         for name, info in header.items():
             dtype, shape, (begin, end) = self._parse_entry(name, info, data_size)
             spans.append((begin, end, name))
-            count = math.prod(shape)
+            count = _element_count(list(shape), data_size)
             arr = np.frombuffer(self._mmap, dtype=DTYPES[dtype], count=count, offset=data_start + begin)
             self.tensors[name] = arr.reshape(shape)
             self.dtypes[name] = dtype
@@ -80,11 +92,12 @@ class SafetensorsFile:
 
     def _parse_header(self, raw: bytes) -> dict:
         def no_duplicates(pairs):
-            keys = [k for k, _ in pairs]
-            if len(set(keys)) != len(keys):
-                dup = next(k for k in keys if keys.count(k) > 1)
-                raise self._error(f"duplicate name {dup!r} in header")
-            return dict(pairs)
+            out = {}
+            for key, value in pairs:
+                if key in out:
+                    raise self._error(f"duplicate name {key[:100]!r} in header")
+                out[key] = value
+            return out
 
         try:
             header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
@@ -102,6 +115,7 @@ class SafetensorsFile:
         return meta
 
     def _parse_entry(self, name: str, info: object, data_size: int):
+        name = name if len(name) <= 200 else name[:200] + "..."
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise self._error(f"tensor {name!r}: entry must have exactly dtype, shape, data_offsets")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
@@ -115,8 +129,7 @@ class SafetensorsFile:
         begin, end = offsets
         if not 0 <= begin <= end <= data_size:
             raise self._error(f"tensor {name!r}: data_offsets {offsets} outside the {data_size} data bytes")
-        # Python integers cannot overflow; a product beyond the span is simply a mismatch.
-        nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+        nbytes = _element_count(shape, limit=data_size) * DTYPES[dtype].itemsize
         if nbytes != end - begin:
             raise self._error(f"tensor {name!r}: shape {shape} x {dtype} is {nbytes} bytes "
                               f"but data_offsets span {end - begin}")
