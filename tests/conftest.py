@@ -106,6 +106,12 @@ def model_124M_dir(tmp_path_factory, weights_124M) -> Path:
 
 
 @pytest.fixture(scope="session")
+def checkpoint_124M(tmp_path_factory, weights_124M) -> Path:
+    """OpenAI's seven files at GPT-2 small's real shapes (random weights, 498 MB of data)."""
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt124") / "124M", HPARAMS_124M, weights_124M)
+
+
+@pytest.fixture(scope="session")
 def tokenizer():
     from gpt2np import Tokenizer
     return Tokenizer.from_files(BPE_DIR / "encoder.json", BPE_DIR / "vocab.bpe")

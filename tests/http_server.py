@@ -3,11 +3,14 @@
 Supports `Range: bytes=N-` (206, or 416 past the end). Faults are queued per path and each is used
 by one request: "503" answers 503; "404" answers 404; "drop:N" announces the full length but sends
 only N bytes and closes; "norange" ignores the Range header and sends the whole file with 200.
+`throttle` (seconds per 64 KiB, for every request while set) slows bodies down, so that a test
+can act in the middle of a download.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -17,6 +20,7 @@ class FaultyServer:
         self.root = root
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
         self.faults: dict[str, list[str]] = {}
+        self.throttle = 0.0
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -54,7 +58,13 @@ class FaultyServer:
                 body = data[start:]
                 if fault.startswith("drop:"):
                     body = body[:int(fault.split(":")[1])]
-                self.wfile.write(body)
+                try:
+                    for i in range(0, len(body), 65536):
+                        self.wfile.write(body[i:i + 65536])
+                        if server.throttle:
+                            time.sleep(server.throttle)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client was killed mid-body
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"

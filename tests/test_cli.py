@@ -66,7 +66,7 @@ def test_text_streams_before_generation_ends(model_124M_dir):
 @pytest.mark.parametrize("args, stdin, fragments", [
     (["/nonexistent/model", "hi"], None, ["gpt-run: error:", "/nonexistent/model", "no such directory"]),
     (["{model}", "-"], b" word" * 70, ["the prompt is 70 tokens", "context is 64"]),
-    (["{model}", "hi", "--score", "-"], None, ["exactly one of PROMPT, --prompts-file or --score"]),
+    (["{model}", "hi", "--score", "-"], None, ["exactly one of PROMPT, --prompts-file, --score or --verify"]),
     (["{model}"], None, ["exactly one of PROMPT"]),
     (["{model}", "--prompts-file", "/nonexistent.txt"], None, ["cannot read the prompts file"]),
     (["{model}", "--score", "-", "--stride", "64"], b"text", ["stride must be a whole number from 1 to 63"]),

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 import gpt2np
-from conftest import HPARAMS_124M, SMALL_HPARAMS, run_cli
+from conftest import SMALL_HPARAMS, run_cli
 from gpt2np.weights import SafetensorsFile
 from gpt2np_convert.checkpoint import import_tensorflow, tf_name
 from http_server import FaultyServer
-from make_checkpoint import random_openai_weights, save_checkpoint
+from make_checkpoint import save_checkpoint
 
 tf = import_tensorflow()
 tf_reference = pytest.importorskip("tf_reference")
@@ -69,8 +69,8 @@ print(before, peak_mb())
 """
 
 
-def test_real_124M_shape_converts_bit_for_bit_in_memory_of_one_tensor(tmp_path, weights_124M):
-    checkpoint = save_checkpoint(tmp_path / "ckpt", HPARAMS_124M, weights_124M)
+def test_real_124M_shape_converts_bit_for_bit_in_memory_of_one_tensor(tmp_path, weights_124M, checkpoint_124M):
+    checkpoint = checkpoint_124M
     out = subprocess.run([sys.executable, "-c", CONVERT_AND_MEASURE, str(checkpoint), str(tmp_path / "out")],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import gpt2np
 from gpt2np import GPT2Error
+from gpt2np.integrity import SUMS_FILE, format_sums
 
 from .checkpoint import Checkpoint
 from .download import FILES
-from .writer import atomic_output_dir, copy_file, write_safetensors
+from .writer import atomic_output_dir, copy_file, write_file, write_safetensors
 
 FORMAT_VERSION = "1"
 
@@ -26,11 +27,14 @@ def convert(checkpoint_dir: Path, out: Path, *, source: str, force: bool = False
     metadata = {"format": "pt", "gpt2np.format_version": FORMAT_VERSION, "gpt2np.source": source,
                 "gpt2np.converter": f"gpt2np {gpt2np.__version__}"}
     with atomic_output_dir(out, force=force) as tmp:
-        write_safetensors(tmp / "model.safetensors", config.tensor_shapes(), checkpoint.tensors(), metadata,
-                          progress=progress)
-        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        copy_file(checkpoint_dir / "encoder.json", tmp / "vocab.json")
-        copy_file(checkpoint_dir / "vocab.bpe", tmp / "merges.txt")
+        digests = {
+            "model.safetensors": write_safetensors(tmp / "model.safetensors", config.tensor_shapes(),
+                                                   checkpoint.tensors(), metadata, progress=progress),
+            "config.json": write_file(tmp / "config.json", (json.dumps(config.to_dict(), indent=2) + "\n").encode()),
+            "vocab.json": copy_file(checkpoint_dir / "encoder.json", tmp / "vocab.json"),
+            "merges.txt": copy_file(checkpoint_dir / "vocab.bpe", tmp / "merges.txt"),
+        }
+        write_file(tmp / SUMS_FILE, format_sums(digests).encode())
         gpt2np.load(tmp)  # the runtime must accept what we wrote: header, shapes, tokenizer, config
     if progress:
         print(f"wrote {out}", file=sys.stderr)

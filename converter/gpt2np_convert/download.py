@@ -7,9 +7,11 @@ equals the size the server announced, so a file in the cache under its own name 
 
 from __future__ import annotations
 
+import fcntl
 import http.client
 import os
 import socket
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -112,8 +114,11 @@ def _fetch_once(url: str, part: Path, timeout: float, progress: bool, label: str
                 f.seek(offset)
                 f.truncate()
                 while chunk := _read(response, bar):
-                    f.write(chunk)  # a write error (disk full) is not transient: it propagates
+                    f.write(chunk)
                     bar.update(len(chunk))
+        except OSError as e:  # a full disk or a file-size limit is not transient: stop, keep the part
+            raise GPT2Error(f"cannot write {part}: {e.strerror or e} (the part downloaded so far is kept "
+                            "and resumes next time)") from None
         finally:
             bar.close()
     size = part.stat().st_size
@@ -146,7 +151,21 @@ def download_model(model: str, cache_dir: Path, base_url: str = DEFAULT_BASE_URL
     """Make sure `cache_dir/model/` holds the seven checkpoint files; return that folder."""
     model = canonical_model(model)
     folder = cache_dir / model
-    for name in FILES:
-        fetch(f"{base_url.rstrip('/')}/{model}/{name}", folder / name,
-              progress=progress, retries=retries, backoff=backoff)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / ".lock", "w")
+    except OSError as e:
+        raise GPT2Error(f"cannot use the download cache {folder}: {e.strerror}") from None
+    with lock:
+        # One download per cache folder at a time: a second conversion waits, then finds the files.
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                print(f"waiting for another gpt-convert to finish downloading {model} into {folder} ...",
+                      file=sys.stderr)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        for name in FILES:
+            fetch(f"{base_url.rstrip('/')}/{model}/{name}", folder / name,
+                  progress=progress, retries=retries, backoff=backoff)
     return folder

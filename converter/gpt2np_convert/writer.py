@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import hashlib
 import json
 import math
 import os
@@ -34,42 +37,108 @@ def safetensors_header(shapes: dict[str, tuple[int, ...]], metadata: dict[str, s
     return len(raw).to_bytes(8, "little") + raw
 
 
+@contextmanager
+def _writing(path: Path):
+    """Name the file in write errors (a full disk, a file-size limit, a read-only place)."""
+    try:
+        yield
+    except OSError as e:
+        raise GPT2Error(f"cannot write {path}: {e.strerror or e}") from None
+
+
 def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], tensors: Iterable[tuple[str, np.ndarray]],
-                      metadata: dict[str, str], progress: bool = True) -> None:
+                      metadata: dict[str, str], progress: bool = True) -> str:
     """Write the header from `shapes`, then each tensor as it arrives, in the same order.
 
     Memory stays at one tensor at a time. Each arriving tensor must match its declared name and
-    shape, so the header can never describe something other than the data.
+    shape, so the header can never describe something other than the data. Returns the file's
+    SHA-256, computed on the way.
     """
     total = sum(4 * math.prod(s) for s in shapes.values())
     bar = Progress(path.name, total, enabled=progress)
     expected = iter(shapes.items())
-    with open(path, "wb") as f:
-        f.write(safetensors_header(shapes, metadata))
+    digest = hashlib.sha256()
+    with _writing(path), open(path, "wb") as f:
+        header = safetensors_header(shapes, metadata)
+        f.write(header)
+        digest.update(header)
         for name, array in tensors:
             want_name, want_shape = next(expected, (None, None))
             if name != want_name or array.shape != want_shape or array.dtype != np.float32:
                 raise GPT2Error(f"internal error: got tensor {name} {array.shape} {array.dtype}, "
                                 f"expected {want_name} {want_shape} float32")
-            f.write(np.ascontiguousarray(array, dtype="<f4").data)
+            data = np.ascontiguousarray(array, dtype="<f4").data
+            f.write(data)
+            digest.update(data)
             bar.update(array.nbytes)
         if next(expected, None) is not None:
             raise GPT2Error("internal error: fewer tensors than the header declares")
         f.flush()
         os.fsync(f.fileno())
     bar.close()
+    return digest.hexdigest()
+
+
+def write_file(path: Path, data: bytes) -> str:
+    """Write `data` durably; return its SHA-256."""
+    with _writing(path), open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return hashlib.sha256(data).hexdigest()
 
 
 def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Remove the temporary folders that killed conversions into `out` left behind.
+
+    They are named `.NAME.tmp-PID-…`: one whose process is gone is garbage. A live one belongs
+    to a conversion still running and is left alone.
+    """
+    parent = out.parent if str(out.parent) else Path(".")
+    for path in parent.glob(f".{out.name}.tmp-*"):
+        pid = path.name[len(f".{out.name}.tmp-"):].split("-")[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 @contextmanager
 def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary sibling of `out`; on success it replaces `out` in one rename.
+    """Yield a fresh temporary sibling of `out`; on success it takes the place of `out` at once.
 
-    On any failure the temporary folder is removed and `out` is as it was. An existing `out`
-    that is not an empty folder is refused unless `force`.
+    On any failure the temporary folder is removed and `out` is as it was. An existing `out` is
+    replaced (with `force`) by an atomic exchange, so that `out` is at every moment either the
+    old complete folder or the new one, even if the process is killed. A non-empty `out` is
+    refused without `force`.
     """
     if out.exists() and not _is_empty_dir(out) and not force:
         raise GPT2Error(f"{out} already exists and is not empty (use --force to replace it)")
@@ -78,7 +147,8 @@ def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
     parent = out.parent if str(out.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        remove_stale_temporaries(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=parent))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the model folder should not be
@@ -86,17 +156,17 @@ def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
         raise GPT2Error(f"cannot create the output folder next to {out}: {e.strerror}") from None
     try:
         yield tmp
-        _fsync_dir(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
-            os.replace(out, old / out.name)  # move aside first: the rename below needs the name free
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        _fsync_dir(parent)
+        with _writing(out):
+            _fsync_dir(tmp)
+            if not out.exists():
+                os.replace(tmp, out)
+            elif not _exchange(tmp, out):  # no renameat2: move the old one aside first
+                os.replace(out, tmp / ".replaced")
+                os.replace(tmp, out)
+                shutil.rmtree(out / ".replaced", ignore_errors=True)
+            _fsync_dir(parent)
     finally:
-        if tmp.exists():
+        if tmp.exists():  # a failure, or the old folder after the exchange
             shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -108,7 +178,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def copy_file(src: Path, dst: Path) -> None:
-    shutil.copyfile(src, dst)
-    with open(dst, "rb") as f:
-        os.fsync(f.fileno())
+def copy_file(src: Path, dst: Path) -> str:
+    """Copy durably; return the SHA-256 of what was written."""
+    try:
+        data = src.read_bytes()
+    except OSError as e:
+        raise GPT2Error(f"cannot read {src}: {e.strerror}") from None
+    return write_file(dst, data)

@@ -96,11 +96,13 @@ def _stats(g) -> str:
               help="Score the text in FILE (- for stdin): log-probabilities, NLL, perplexity.")
 @click.option("--stride", type=click.IntRange(min=1), default=None,
               help="With --score: how far the window moves for texts longer than the context [default: half of it].")
+@click.option("--verify", is_flag=True,
+              help="Check MODEL_DIR's files against the SHA256SUMS that gpt-convert wrote, and name what differs.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object (ids, text, log-probabilities, stop reason, timings) instead of text.")
 @click.option("--stats", is_flag=True, help="Print token counts, speed and times to stderr.")
 def run(model_dir, prompt, n_tokens, temperature, top_k, top_p, seed, stop, ignore_eos, sliding_window,
-        prompts_file, batch_size, score_source, stride, as_json, stats):
+        prompts_file, batch_size, score_source, stride, verify, as_json, stats):
     """Continue PROMPT with the GPT-2 model in MODEL_DIR, streaming the new text to stdout.
 
     MODEL_DIR is a folder made by `gpt-convert` (or a Hugging Face GPT-2 folder saved as
@@ -119,14 +121,26 @@ def run(model_dir, prompt, n_tokens, temperature, top_k, top_p, seed, stop, igno
                             prints one JSON object per prompt, in input order
       --score FILE          prints the text's token count, NLL and perplexity
                             (with --json, every token's log-probability too)
+      --verify              checks MODEL_DIR's files against their SHA256SUMS
 
     Errors go to stderr as one line, with exit status 1 (2 for bad usage).
     """
     modes = [m for m, given in (("PROMPT", prompt is not None), ("--prompts-file", prompts_file),
-                                ("--score", score_source)) if given]
+                                ("--score", score_source), ("--verify", verify)) if given]
     if len(modes) != 1:
-        raise click.UsageError("give exactly one of PROMPT, --prompts-file or --score"
+        raise click.UsageError("give exactly one of PROMPT, --prompts-file, --score or --verify"
                                + (f" (got {' and '.join(modes)})" if modes else ""))
+    if verify:
+        from .integrity import verify as check
+
+        results = check(model_dir)
+        for name, status in results:
+            print(f"{status:8} {name}")
+        bad = [f"{name} {status}" for name, status in results if status != "ok"]
+        if bad:
+            raise GPT2Error(f"{model_dir}: {len(bad)} of {len(results)} files do not match SHA256SUMS: "
+                            + ", ".join(bad))
+        return
     from . import load  # imported here so that --help does not pay for NumPy
 
     model = load(model_dir)
@@ -179,9 +193,10 @@ def main() -> None:
         print(f"gpt-run: error: {e}", file=sys.stderr)
         sys.exit(EXIT_ERROR)
     except BrokenPipeError:
-        # The reader went away (`gpt-run ... | head`): stop quietly, as Unix tools do.
+        # The reader went away (`gpt-run ... | head`): stop quietly with status 1, as Python's
+        # documentation advises and as click does when it sees the same error first.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(0)
+        sys.exit(1)
     except (KeyboardInterrupt, click.exceptions.Abort):
         sys.exit(130)
     except OSError as e:
