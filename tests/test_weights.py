@@ -115,3 +115,53 @@ def test_loading_maps_but_does_not_read_the_weights(model_124M_dir):
           f"load {load_s * 1000:.0f} ms")
     assert grew_on_load < 100, "loading read the weights into memory"
     assert grew_on_use > 0.8 * size_mb, "the measurement cannot see the weights being paged in"
+
+
+def _file(header, data=b"", raw_header=None):
+    raw = raw_header if raw_header is not None else json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+F32 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"\x01\x02", "shorter than the 8-byte header length"),
+    (struct.pack("<Q", 200 * 2**20) + b"{}", "exceeds the limit"),
+    (struct.pack("<Q", 100) + b"{}", "runs past the end"),
+    (_file(None, raw_header=b"[1, 2]"), "not a JSON object"),
+    (_file(None, raw_header=b"{not json"), "not valid JSON"),
+    (_file(None, raw_header=b'{"a": 1, "a": 2}'), "duplicate name 'a'"),
+    (_file({"t": {**F32, "dtype": "F8"}}, bytes(8)), "unknown dtype 'F8'"),
+    (_file({"t": {**F32, "shape": [3]}}, bytes(8)), "is 12 bytes but data_offsets span 8"),
+    (_file({"t": {**F32, "shape": [2**62, 2**62, 2**62]}}, bytes(8)), "data_offsets span 8"),
+    (_file({"t": {**F32, "shape": [-2]}}, bytes(8)), "non-negative integers"),
+    (_file({"t": {**F32, "data_offsets": [0, 16]}}, bytes(8)), "outside the 8 data bytes"),
+    (_file({"t": F32, "u": {**F32, "data_offsets": [4, 12]}}, bytes(12)), "overlaps"),
+    (_file({"t": F32, "u": {**F32, "data_offsets": [12, 20]}}, bytes(20)), "gap"),
+    (_file({"t": F32}, bytes(12)), "4 bytes after the last tensor"),
+    (_file({"__metadata__": {"format": 1}, "t": F32}, bytes(8)), "__metadata__ must map strings to strings"),
+    (_file({"t": {"dtype": "F32", "shape": [2]}}, bytes(8)), "exactly dtype, shape, data_offsets"),
+])
+def test_each_hostile_file_gets_a_one_line_error_naming_file_and_problem(tmp_path, content, problem):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(GPT2Error) as e:
+        SafetensorsFile(path)
+    assert str(path) in str(e.value) and problem in str(e.value) and "\n" not in str(e.value)
+
+
+def test_vocabulary_inconsistent_with_the_config(tmp_path, small_model_dir):
+    import shutil
+    import gpt2np
+    folder = tmp_path / "m"
+    shutil.copytree(small_model_dir, folder)
+    vocab = json.loads((folder / "vocab.json").read_text())
+    del vocab["<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    with pytest.raises(GPT2Error, match="vocab.json has 50256 tokens but config.json says vocab_size 50257"):
+        gpt2np.load(folder)
+    (folder / "merges.txt").write_text("#version: 0.2\nĠ nosuchtoken\n")
+    (folder / "vocab.json").write_text(json.dumps({**vocab, "<|endoftext|>": 50256}))
+    with pytest.raises(GPT2Error, match=r"merges.txt:2: merge Ġ nosuchtoken needs 'nosuchtoken'"):
+        gpt2np.load(folder)
