@@ -7,9 +7,10 @@ from pathlib import Path
 
 import click
 
-from gpt2np import GPT2Error
+from gpt2np.cli import run_command
 
 from .download import DEFAULT_BASE_URL, canonical_model, default_cache_dir
+from .writer import check_output_dir
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -39,8 +40,7 @@ def convert_command(model, out_dir, base_url, cache_dir, checkpoint_dir, retries
 
     model = canonical_model(model)
     progress = not quiet
-    if out_dir.exists() and not force and not (out_dir.is_dir() and not any(out_dir.iterdir())):
-        raise GPT2Error(f"{out_dir} already exists and is not empty (use --force to replace it)")
+    check_output_dir(out_dir, force)  # before a long download, not after it
     if checkpoint_dir is None:
         checkpoint_dir = download_model(model, cache_dir or default_cache_dir(), base_url,
                                         progress=progress, retries=retries)
@@ -52,25 +52,11 @@ def convert_command(model, out_dir, base_url, cache_dir, checkpoint_dir, retries
 
 def main() -> None:
     try:
-        convert_command.main(prog_name="gpt-convert", standalone_mode=False)
-    except click.UsageError as e:
-        print(f"gpt-convert: error: {e.format_message()} (see 'gpt-convert --help')", file=sys.stderr)
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
-        print(f"gpt-convert: error: {e.format_message()}", file=sys.stderr)
-        sys.exit(e.exit_code)
-    except GPT2Error as e:
-        print(f"gpt-convert: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        run_command(convert_command, "gpt-convert",
+                    interrupted="interrupted; a partial download is kept and resumes next time")
     except ModuleNotFoundError as e:
-        if e.name in ("tensorflow", "safetensors"):
-            print(f"gpt-convert: error: {e.name} is not installed; the converter needs "
-                  f"`pip install 'gpt2np[convert]'`", file=sys.stderr)
-            sys.exit(1)
-        raise
-    except OSError as e:
-        print(f"gpt-convert: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        if e.name not in ("tensorflow", "safetensors"):
+            raise
+        print(f"gpt-convert: error: {e.name} is not installed; the converter needs "
+              "`pip install 'gpt2np[convert]'`", file=sys.stderr)
         sys.exit(1)
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        print("gpt-convert: interrupted; the partial download is kept and resumes next time", file=sys.stderr)
-        sys.exit(130)

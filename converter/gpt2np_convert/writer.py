@@ -92,6 +92,14 @@ def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
 
+def check_output_dir(out: Path, force: bool) -> None:
+    """`out` may be written: absent, an empty folder, or (with `force`) a folder to replace."""
+    if out.exists() and not out.is_dir():
+        raise GPT2Error(f"{out} exists and is not a folder")
+    if out.exists() and not _is_empty_dir(out) and not force:
+        raise GPT2Error(f"{out} already exists and is not empty (use --force to replace it)")
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -140,10 +148,7 @@ def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
     old complete folder or the new one, even if the process is killed. A non-empty `out` is
     refused without `force`.
     """
-    if out.exists() and not _is_empty_dir(out) and not force:
-        raise GPT2Error(f"{out} already exists and is not empty (use --force to replace it)")
-    if out.exists() and not out.is_dir():
-        raise GPT2Error(f"{out} exists and is not a folder")
+    check_output_dir(out, force)
     parent = out.parent if str(out.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)

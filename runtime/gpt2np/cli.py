@@ -180,25 +180,33 @@ def run(model_dir, prompt, n_tokens, temperature, top_k, top_p, seed, stop, igno
         print(f"gpt-run: {_stats(g)}", file=sys.stderr)
 
 
-def main() -> None:
+def run_command(command: click.Command, prog: str, interrupted: str = "") -> None:
+    """Run a click command as a Unix tool: errors are one line on stderr with exit status 1
+    (2 for bad usage), Ctrl-C exits 130 (saying `interrupted` if given), a closed pipe is quiet."""
+    def fail(message: str, status: int = EXIT_ERROR) -> None:
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        sys.exit(status)
+
     try:
-        run.main(prog_name="gpt-run", standalone_mode=False)
+        command.main(prog_name=prog, standalone_mode=False)
     except click.UsageError as e:
-        print(f"gpt-run: error: {e.format_message()} (see 'gpt-run --help')", file=sys.stderr)
-        sys.exit(e.exit_code)
+        fail(f"{e.format_message()} (see '{prog} --help')", e.exit_code)
     except click.ClickException as e:
-        print(f"gpt-run: error: {e.format_message()}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        fail(e.format_message(), e.exit_code)
     except GPT2Error as e:
-        print(f"gpt-run: error: {e}", file=sys.stderr)
-        sys.exit(EXIT_ERROR)
+        fail(str(e))
     except BrokenPipeError:
         # The reader went away (`gpt-run ... | head`): stop quietly with status 1, as Python's
         # documentation advises and as click does when it sees the same error first.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
     except (KeyboardInterrupt, click.exceptions.Abort):
+        if interrupted:
+            print(f"{prog}: {interrupted}", file=sys.stderr)
         sys.exit(130)
     except OSError as e:
-        print(f"gpt-run: error: {e}", file=sys.stderr)
-        sys.exit(EXIT_ERROR)
+        fail(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}")
+
+
+def main() -> None:
+    run_command(run, "gpt-run")
