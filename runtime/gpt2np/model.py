@@ -61,7 +61,8 @@ class KVCache:
 
     Keys are stored transposed, `kT` [n_layer, H, D, capacity], so that scores are a plain
     q @ kT product; values are `v` [n_layer, H, capacity, D]. Positions [0, length) are valid.
-    np.empty does not touch the memory, so unused capacity costs address space, not RAM.
+    Callers size `capacity` to what they will use (prompt plus new tokens): with keys transposed,
+    the first position written already touches every page of `kT`.
     """
 
     def __init__(self, config: GPT2Config, capacity: int | None = None):
@@ -125,8 +126,10 @@ def linear(x: np.ndarray, p: Linear) -> np.ndarray:
 
 @lru_cache(maxsize=8)
 def _causal_mask(rows: int) -> np.ndarray:
-    """[rows, rows]: 0 on and below the diagonal, −inf above it (the future)."""
-    return np.triu(np.full((rows, rows), -np.inf, dtype=np.float32), k=1)
+    """[rows, rows]: 0 on and below the diagonal, −inf above it (the future). Shared: read-only."""
+    mask = np.triu(np.full((rows, rows), -np.inf, dtype=np.float32), k=1)
+    mask.setflags(write=False)
+    return mask
 
 
 def attention(q: np.ndarray, kT: np.ndarray, v: np.ndarray, offset: int,
