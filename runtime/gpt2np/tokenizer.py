@@ -66,7 +66,6 @@ class Tokenizer:
         self.special_tokens = dict(special_tokens or {})
         if ENDOFTEXT in encoder and not special_tokens:
             self.special_tokens[ENDOFTEXT] = encoder[ENDOFTEXT]
-        self.special_ids = set(self.special_tokens.values())
         byte_encoder = bytes_to_unicode()
         # bytes.decode("latin-1") maps byte b to chr(b); this table then maps chr(b) to GPT-2's char.
         self._byte_table = str.maketrans({chr(b): c for b, c in byte_encoder.items()})
