@@ -69,9 +69,16 @@ class Tokenizer:
         byte_encoder = bytes_to_unicode()
         # bytes.decode("latin-1") maps byte b to chr(b); this table then maps chr(b) to GPT-2's char.
         self._byte_table = str.maketrans({chr(b): c for b, c in byte_encoder.items()})
-        self._byte_decoder = {c: b for b, c in byte_encoder.items()}
-        self._token_bytes = {i: bytes(self._byte_decoder[c] for c in s) for s, i in encoder.items()
-                             if all(c in self._byte_decoder for c in s)}
+        # The way back: GPT-2's chars to chr(byte), then latin-1 gives the byte. Any other char up to
+        # U+017F becomes U+0100, and every char past U+00FF fails latin-1: such a token has no bytes.
+        to_bytes = {cp: 0x100 for cp in range(0x180)}
+        to_bytes.update({ord(c): b for b, c in byte_encoder.items()})
+        self._token_bytes = {}
+        for s, i in encoder.items():
+            try:
+                self._token_bytes[i] = s.translate(to_bytes).encode("latin-1")
+            except UnicodeEncodeError:
+                pass  # not a byte-level token; decoding it is an error
         for s, i in self.special_tokens.items():
             self._token_bytes[i] = s.encode("utf-8")
         self._pattern = regex.compile(GPT2_PATTERN)
@@ -98,16 +105,12 @@ class Tokenizer:
             raise GPT2Error(f"{merges_path}: not found") from None
         except (OSError, UnicodeDecodeError) as e:
             raise GPT2Error(f"{merges_path}: cannot read ({e})") from None
-        if lines and lines[0].startswith("#version"):
-            lines = lines[1:]
-        merges = []
-        for n, line in enumerate(lines, start=2):
-            if not line:
-                continue
-            parts = line.split(" ")
-            if len(parts) != 2 or not all(parts):
-                raise GPT2Error(f"{merges_path}:{n}: a merge must be two tokens separated by one space")
-            merges.append((parts[0], parts[1]))
+        first = 2 if lines and lines[0].startswith("#version") else 1
+        merges = [tuple(line.split(" ")) for line in lines[first - 1:] if line]
+        if any(len(m) != 2 or not m[0] or not m[1] for m in merges):
+            n = next(n for n, line in enumerate(lines[first - 1:], first)
+                     if line and (len(line.split(" ")) != 2 or not all(line.split(" "))))
+            raise GPT2Error(f"{merges_path}:{n}: a merge must be two tokens separated by one space")
         digests = (hashlib.sha256(vocab_bytes).hexdigest(), hashlib.sha256(merges_bytes).hexdigest())
         if digests != _GPT2_SHA256:  # OpenAI's own files are known good; check anything else
             _check_vocabulary(encoder, merges, vocab_path, merges_path)
