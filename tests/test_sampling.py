@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from gpt2np import GPT2Error, Sampling
-from gpt2np.sampling import candidates, choose, log_softmax
+from gpt2np.sampling import candidates, choose, log_softmax, token_logprob
 
 
 def softmax64(z):
@@ -111,3 +111,10 @@ def test_log_softmax_is_normalised(logits):
 def test_bad_values_are_errors(kwargs):
     with pytest.raises(GPT2Error):
         Sampling(**kwargs)
+
+
+def test_token_logprob_equals_log_softmax(logits):
+    lp = log_softmax(logits)
+    for token in (0, int(np.argmax(logits)), 50256):
+        # the subtraction of the maximum happens in float32: agreement to float32 precision
+        assert token_logprob(logits, token) == pytest.approx(lp[token], rel=1e-6)

@@ -116,7 +116,7 @@ def remove_stale_temporaries(out: Path) -> None:
     They are named `.NAME.tmp-PID-…`: one whose process is gone is garbage. A live one belongs
     to a conversion still running and is left alone.
     """
-    parent = out.parent if str(out.parent) else Path(".")
+    parent = out.parent  # Path("out").parent is Path("."), never empty
     for path in parent.glob(f".{out.name}.tmp-*"):
         pid = path.name[len(f".{out.name}.tmp-"):].split("-")[0]
         if pid.isdigit() and not _pid_alive(int(pid)):
@@ -149,7 +149,7 @@ def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
     refused without `force`.
     """
     check_output_dir(out, force)
-    parent = out.parent if str(out.parent) else Path(".")
+    parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out)

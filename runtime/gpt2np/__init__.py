@@ -121,11 +121,15 @@ class GPT2:
             raise GPT2Error(f"logits needs 1 to {self.config.n_positions} tokens, got {len(arr)}")
         return forward(self.params, self.config, arr, KVCache(self.config, len(arr)), all_logits=True)
 
+    def _ids(self, ids: Sequence[int]) -> list[int]:
+        """Token ids given by the caller, checked against the vocabulary, as Python ints."""
+        return [int(i) for i in check_ids(ids, self.config)]
+
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         """Text is encoded (empty text means unconditional: `<|endoftext|>`); ids pass through."""
         if isinstance(prompt, str):
             return self.encode(prompt) or [self.config.eos_token_id]
-        return [int(i) for i in check_ids(prompt, self.config)]
+        return self._ids(prompt)
 
     def _decoder(self, prompts, n_tokens, temperature=None, top_k=None, top_p=None, seed=None, stop=(),
                  stop_at_eos=True, sliding_window=False) -> Decoder:
@@ -165,5 +169,5 @@ class GPT2:
 
     def score(self, text: str | Sequence[int], *, stride: int | None = None) -> Score:
         """Per-token log-probabilities, NLL and perplexity of `text` (see `gpt2np.score`)."""
-        ids = self.encode(text) if isinstance(text, str) else [int(i) for i in check_ids(text, self.config)]
+        ids = self.encode(text) if isinstance(text, str) else self._ids(text)
         return score(self.params, self.config, ids, stride)

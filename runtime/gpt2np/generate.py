@@ -15,7 +15,7 @@ import numpy as np
 from .config import GPT2Config
 from .errors import GPT2Error
 from .model import KVCache, Params, lm_head, transformer
-from .sampling import Sampling, choose
+from .sampling import Sampling, choose, token_logprob
 from .tokenizer import Tokenizer
 
 STOP_REASONS = {
@@ -143,8 +143,7 @@ class _Sequence:
         r, opts = self.result, self.options
         token = choose(logits, opts.sampling, self.rng)
         r.ids.append(token)
-        top = logits.max()
-        r.logprobs.append(float(logits[token] - top - np.log(np.exp(logits - top).sum(dtype=np.float64))))
+        r.logprobs.append(token_logprob(logits, token))
         self.context.append(token)
         if opts.stop_at_eos and token == self.config.eos_token_id:
             return token, self._finish("eos", "")

@@ -57,6 +57,13 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return z
 
 
+def token_logprob(logits: np.ndarray, token: int) -> float:
+    """log p of one token: the same value as log_softmax(logits)[token], without a float64 copy
+    of the whole vocabulary (this runs once per generated token)."""
+    top = logits.max()
+    return float(logits[token] - top - np.log(np.exp(logits - top).sum(dtype=np.float64)))
+
+
 def candidates(logits: np.ndarray, s: Sampling) -> tuple[np.ndarray, np.ndarray]:
     """The tokens sampling may choose and their probabilities, most likely first.
 
