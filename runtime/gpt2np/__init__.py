@@ -20,14 +20,16 @@ import numpy as np
 
 from .config import GPT2Config
 from .errors import GPT2Error
-from .generate import STOP_REASONS, Decoder, Generation, Options, check_ids
+from .engine import Engine
+from .generate import STOP_REASONS, Generation, Options, check_ids
+from .generate import Sequence as GenerationSequence
 from .model import KVCache, Params, forward
 from .sampling import Sampling
 from .score import Score, score
 from .tokenizer import Tokenizer
 from .weights import load_gpt2_weights
 
-__all__ = ["GPT2", "GPT2Config", "GPT2Error", "Generation", "STOP_REASONS", "Sampling", "Score", "TextStream",
+__all__ = ["Engine", "GPT2", "GPT2Config", "GPT2Error", "Generation", "Options", "STOP_REASONS", "Sampling", "Score", "TextStream",
            "Tokenizer", "load", "load_tokenizer"]
 __version__ = "0.1.0"
 
@@ -74,20 +76,23 @@ class TextStream:
     `Generation` (ids, text, log-probabilities, stop reason, timings), complete after iteration.
     """
 
-    def __init__(self, decoder: Decoder):
-        self._events = decoder.events()
-        self.result: Generation = decoder.results[0]
+    def __init__(self, engine: Engine, sequences: list[GenerationSequence]):
+        self._events = engine.events()
+        self.result: Generation = sequences[0].result
 
     def __iter__(self) -> Iterator[str]:
-        for _, _, text in self._events:
+        for seq, _, text in self._events:
             if text:
                 yield text
+            if seq.result.error is not None:
+                raise GPT2Error(seq.result.error)
 
 
 class GPT2:
     """A loaded GPT-2: its config, weights (`params`) and tokenizer.
 
-    Generation methods share these keyword arguments:
+    Generation methods take the fields of `gpt2np.Options` as keyword arguments (the one list
+    of generation options, with their rules):
 
     - `n_tokens`: the most tokens to generate (default 50).
     - `temperature`, `top_k`, `top_p`, `seed`: sampling (see `gpt2np.sampling.Sampling`). Greedy by
@@ -97,6 +102,10 @@ class GPT2:
     - `sliding_window`: when the context (1024 positions) is full, recompute the cache over the
       most recent half and go on, instead of stopping with stop reason "context". A prompt longer
       than the context is an error, or with the sliding window keeps its most recent half.
+    - `presence_penalty`, `frequency_penalty` (-2 to 2), `logit_bias` ({token id: -100 to 100}):
+      OpenAI's adjustments of the logits before a token is chosen.
+    - `logprobs=N`: also record the N most likely tokens at each step (`Generation.top_logprobs`);
+      `prompt_logprobs=N`: score the prompt's own tokens (`Generation.prompt_logprobs`).
     """
 
     def __init__(self, config: GPT2Config, params: Params, tokenizer: Tokenizer,
@@ -131,13 +140,33 @@ class GPT2:
             return self.encode(prompt) or [self.config.eos_token_id]
         return self._ids(prompt)
 
-    def _decoder(self, prompts, n_tokens, temperature=None, top_k=None, top_p=None, seed=None, stop=(),
-                 stop_at_eos=True, sliding_window=False) -> Decoder:
-        if isinstance(stop, str):
-            stop = (stop,)
-        options = Options(n_tokens=n_tokens, sampling=Sampling(temperature, top_k, top_p, seed),
-                          stop=tuple(stop), stop_at_eos=stop_at_eos, sliding_window=sliding_window)
-        return Decoder(self.params, self.config, self.tokenizer, [self._prompt_ids(p) for p in prompts], options)
+    def options(self, n_tokens: int = 50, **options) -> Options:
+        """The generation options (see `gpt2np.generate.Options`), checked."""
+        return Options(n_tokens=n_tokens, **options)
+
+    def engine(self, max_batch: int | None = None, prefill_chunk: int | None = None) -> Engine:
+        """A decode loop over this model, for callers that add and step sequences themselves
+        (a server, a pipeline stage). See `gpt2np.engine.Engine`."""
+        return Engine(self.params, self.config, self.tokenizer, max_batch=max_batch, prefill_chunk=prefill_chunk)
+
+    def queue(self, prompts: Sequence[str | Sequence[int]], n_tokens: int = 50, *, strict: bool = True,
+              max_batch: int | None = None, **options) -> tuple[Engine, list[GenerationSequence]]:
+        """A new engine holding `prompts`, not yet run, and their sequences in order.
+
+        `strict`: a prompt that cannot run raises `GPT2Error` (nothing runs); otherwise it becomes
+        a sequence that ends at once with an error, and the others run.
+        """
+        opts = self.options(n_tokens, **options)
+        engine, seqs = self.engine(max_batch=max_batch), []
+        for i, p in enumerate(prompts):
+            try:
+                seqs.append(engine.add(self._prompt_ids(p), opts, tag=i))
+            except GPT2Error as e:
+                if strict:
+                    raise
+                ids = [] if isinstance(p, str) or not _all_ints(p) else list(p)
+                seqs.append(engine.add_failed(ids, opts, str(e), tag=i))
+        return engine, seqs
 
     def generate(self, prompt: str | Sequence[int], n_tokens: int = 50, **options) -> TextStream:
         """Stream the continuation of `prompt` (text or token ids) as text pieces.
@@ -145,29 +174,43 @@ class GPT2:
         Everything is checked when called; the work happens as you iterate. See the class
         docstring for the options. The pieces join to `result.text`.
         """
-        return TextStream(self._decoder([prompt], n_tokens, **options))
+        return TextStream(*self.queue([prompt], n_tokens, **options))
 
     def generate_ids(self, prompt: str | Sequence[int], n_tokens: int = 50, **options) -> Iterator[int]:
         """Yield the generated token ids as each is chosen (including a final `<|endoftext|>`)."""
-        return (token for _, token, _ in self._decoder([prompt], n_tokens, **options).events())
+        engine, _ = self.queue([prompt], n_tokens, **options)
+        return (token for _, token, _ in engine.events() if token is not None)
 
     def complete(self, prompt: str | Sequence[int], n_tokens: int = 50, **options) -> Generation:
         """Generate to the end and return the `Generation`."""
-        return self.generate_batch([prompt], n_tokens, **options)[0]
+        engine, (seq,) = self.queue([prompt], n_tokens, **options)
+        engine.run()
+        if seq.result.error is not None:
+            raise GPT2Error(seq.result.error)
+        return seq.result
 
-    def generate_batch(self, prompts: Sequence[str | Sequence[int]], n_tokens: int = 50,
-                       **options) -> list[Generation]:
+    def generate_batch(self, prompts: Sequence[str | Sequence[int]], n_tokens: int = 50, *,
+                       max_batch: int | None = None, **options) -> list[Generation]:
         """Generate for several prompts at once, in one forward pass per step; results in order.
 
         Each prompt has its own length, cache, stop rules and random stream (a `seed` gives every
-        prompt the stream it would have alone), so each result equals what `complete` gives.
+        prompt the stream it would have alone), so each result equals what `complete` gives. A
+        prompt that cannot run (too long, bad ids) gets a result with `error` set and stop reason
+        "error"; the others run. `max_batch` caps the prompts in one pass (the rest join as others
+        finish); by default all run together. Bad options raise `GPT2Error`.
         """
-        decoder = self._decoder(prompts, n_tokens, **options)
-        for _ in decoder.events():
-            pass
-        return decoder.results
+        engine, seqs = self.queue(prompts, n_tokens, strict=False, max_batch=max_batch, **options)
+        engine.run()
+        return [s.result for s in seqs]
 
     def score(self, text: str | Sequence[int], *, stride: int | None = None) -> Score:
         """Per-token log-probabilities, NLL and perplexity of `text` (see `gpt2np.score`)."""
         ids = self.encode(text) if isinstance(text, str) else self._ids(text)
         return score(self.params, self.config, ids, stride)
+
+
+def _all_ints(ids) -> bool:
+    try:
+        return all(type(i) is int for i in ids)
+    except TypeError:
+        return False

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import click
 
 from .errors import GPT2Error
+from .generate import Options, parse_logit_bias
 
 EXIT_ERROR = 1
 
@@ -70,24 +73,49 @@ def _stats(g) -> str:
             f"{g.tokens_per_s:.1f} tokens/s after the first; stop: {g.stop_reason}")
 
 
+def generation_options(command):
+    """Add one click option per field of `Options` that has a command-line form, checked by the
+    same rules as the Python API; the command receives them as one dict, `options` (only those
+    given, so that the defaults stay those of `Options`)."""
+    specs = [(f, f.metadata["cli"]) for f in fields(Options) if f.metadata.get("cli")]
+
+    def check(name):
+        def callback(ctx, param, value):
+            if value is None or value == () or param.is_flag:
+                return value
+            try:
+                if name == "logit_bias":
+                    value = tuple(parse_logit_bias(value).items())
+                Options.check(name, value)
+            except GPT2Error as e:
+                raise click.BadParameter(str(e)) from None
+            return value
+        return callback
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        options = {}
+        for f, cli in specs:
+            value = kwargs.pop(f.name)
+            if cli.get("invert"):
+                value = not value
+            if value is not None and value != () and value != f.default:
+                options[f.name] = value
+        return command(*args, options=options, **kwargs)
+
+    for f, cli in reversed(specs):
+        flag = cli.get("flag", "--" + f.name.replace("_", "-"))
+        kwargs = {k: cli[k] for k in ("type", "metavar", "multiple", "is_flag", "show_default") if k in cli}
+        default = f.default if cli.get("show_default") else None
+        wrapper = click.option(*flag.split("/"), f.name, default=default, callback=check(f.name),
+                               help=f.metadata["help"], **kwargs)(wrapper)
+    return wrapper
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("model_dir", type=click.Path(file_okay=False, path_type=str))
 @click.argument("prompt", required=False)
-@click.option("-n", "--n-tokens", default=50, show_default=True, type=click.IntRange(min=0),
-              help="How many tokens to generate at most.")
-@click.option("--temperature", type=click.FloatRange(min=0), default=None,
-              help="Sample with this temperature (0 means greedy). Greedy is the default.")
-@click.option("--top-k", type=click.IntRange(min=1), default=None,
-              help="Sample only from the K most likely tokens.")
-@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
-              help="Sample only from the smallest set of most likely tokens whose probability reaches P.")
-@click.option("--seed", type=click.IntRange(min=0), default=None,
-              help="Seed for sampling: the same seed gives the same text.")
-@click.option("--stop", multiple=True, metavar="TEXT",
-              help="Stop when the text reaches TEXT, which is not printed. Repeat for several.")
-@click.option("--ignore-eos", is_flag=True, help="Keep generating after <|endoftext|>.")
-@click.option("--sliding-window", is_flag=True,
-              help="When the context is full, go on over its most recent half (recomputed) instead of stopping.")
+@generation_options
 @click.option("--prompts-file", metavar="FILE",
               help="Generate for every prompt in FILE (- for stdin), decoded together; JSON lines out.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
@@ -101,8 +129,7 @@ def _stats(g) -> str:
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object (ids, text, log-probabilities, stop reason, timings) instead of text.")
 @click.option("--stats", is_flag=True, help="Print token counts, speed and times to stderr.")
-def run(model_dir, prompt, n_tokens, temperature, top_k, top_p, seed, stop, ignore_eos, sliding_window,
-        prompts_file, batch_size, score_source, stride, verify, as_json, stats):
+def run(model_dir, prompt, options, prompts_file, batch_size, score_source, stride, verify, as_json, stats):
     """Continue PROMPT with the GPT-2 model in MODEL_DIR, streaming the new text to stdout.
 
     MODEL_DIR is a folder made by `gpt-convert` (or a Hugging Face GPT-2 folder saved as
@@ -152,19 +179,11 @@ def run(model_dir, prompt, n_tokens, temperature, top_k, top_p, seed, stop, igno
         else:
             out.write(f"tokens: {len(result.ids)}\nnll: {result.nll:.6f}\nperplexity: {result.perplexity:.6f}\n")
         return
-    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
-                   stop_at_eos=not ignore_eos, sliding_window=sliding_window)
     if prompts_file:
-        prompts = _read_prompts(prompts_file)
-        for first in range(0, len(prompts), batch_size):
-            chunk = prompts[first:first + batch_size]
-            for i, (p, g) in enumerate(zip(chunk, model.generate_batch(chunk, n_tokens, **options)), first):
-                out.write(json.dumps({"index": i, "prompt": p, **g.to_dict()}, ensure_ascii=False) + "\n")
-                if stats:
-                    print(f"gpt-run: [{i}] {_stats(g)}", file=sys.stderr)
+        _run_prompts_file(model, _read_prompts(prompts_file), batch_size, options, out, stats)
         return
     text = _read_text("-", "the prompt on stdin") if prompt == "-" else prompt
-    stream = model.generate(text, n_tokens, **options)
+    stream = model.generate(text, **options)
     for piece in stream:
         if not as_json:
             out.write(piece)
@@ -178,6 +197,25 @@ def run(model_dir, prompt, n_tokens, temperature, top_k, top_p, seed, stop, igno
               "(--sliding-window goes on)", file=sys.stderr)
     if stats:
         print(f"gpt-run: {_stats(g)}", file=sys.stderr)
+
+
+def _run_prompts_file(model, prompts: list[str], batch_size: int, options: dict, out: _Out, stats: bool) -> None:
+    """Decode every prompt with up to `batch_size` in the pass at once (a new one joins as soon as
+    one finishes); print the results in input order as soon as each and those before it are done."""
+    engine, seqs = model.queue(prompts, strict=False, max_batch=batch_size, **options)
+    printed = 0
+    for seq, _, _ in engine.events():
+        while printed < len(seqs) and seqs[printed].done:
+            g = seqs[printed].result
+            out.write(json.dumps({"index": printed, "prompt": prompts[printed], **g.to_dict()},
+                                 ensure_ascii=False) + "\n")
+            if stats and g.error is None:
+                print(f"gpt-run: [{printed}] {_stats(g)}", file=sys.stderr)
+            printed += 1
+    failed = [i for i, s in enumerate(seqs) if s.result.error is not None]
+    if failed:
+        raise GPT2Error(f"{len(failed)} of {len(seqs)} prompts failed (first: prompt {failed[0]}: "
+                        f"{seqs[failed[0]].result.error}); the others were generated")
 
 
 def run_command(command: click.Command, prog: str, interrupted: str = "") -> None:

@@ -1,21 +1,24 @@
-"""The decode loop: one batched pass over the prompts, then one position per new token.
+"""One generation: its options (defined here, once, for every front door), its state while it
+decodes (`Sequence`), and its outcome (`Generation`).
 
-Several prompts decode together: each step is one forward pass for all of them (one matrix product
-per weight), while each keeps its own cache, sampler, stop rules and stopping point.
+The loop that steps many sequences together is `gpt2np.engine.Engine`. A `Sequence` knows how to
+turn the logits of its next position into a token, text, log-probabilities and a stopping point;
+the engine decides which positions of which sequences go into each forward pass.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Mapping, Sequence as Seq
 
 import numpy as np
 
 from .config import GPT2Config
 from .errors import GPT2Error
-from .model import KVCache, Params, lm_head, transformer
-from .sampling import Sampling, choose, token_logprob
+from .model import KVCache
+from .sampling import Sampling, choose, token_logprob, top_logprobs
 from .tokenizer import Tokenizer
 
 STOP_REASONS = {
@@ -23,10 +26,14 @@ STOP_REASONS = {
     "stop": "the text reached one of the stop strings",
     "length": "the requested number of tokens was generated",
     "context": "the model's context is full (use the sliding window to go on)",
+    "cancelled": "the caller cancelled the generation",
+    "error": "the generation failed: see its error",
 }
 
+MAX_TOP_LOGPROBS = 20
 
-def check_ids(ids: Sequence[int], config: GPT2Config) -> np.ndarray:
+
+def check_ids(ids: Seq[int], config: GPT2Config) -> np.ndarray:
     """Token ids as an int64 array, each checked to be in the vocabulary."""
     try:
         arr = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -38,23 +45,123 @@ def check_ids(ids: Sequence[int], config: GPT2Config) -> np.ndarray:
     return arr
 
 
+# --------------------------------------------------------------------------------- the options
+def _whole(low: int, high: int | None = None) -> Callable[[str, Any], None]:
+    def check(name: str, v: Any) -> None:
+        if type(v) is not int or v < low or (high is not None and v > high):
+            span = f">= {low}" if high is None else f"from {low} to {high}"
+            raise GPT2Error(f"{name} must be a whole number {span}, got {v!r}")
+    return check
+
+
+def _number(low: float, high: float) -> Callable[[str, Any], None]:
+    def check(name: str, v: Any) -> None:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= high:
+            raise GPT2Error(f"{name} must be a number from {low:g} to {high:g}, got {v!r}")
+    return check
+
+
+def _sampling_field(name: str, v: Any) -> None:
+    Sampling(**{name: v})  # Sampling owns these rules and their messages
+
+
+def _stops(name: str, v: Any) -> None:
+    if not all(isinstance(s, str) and s for s in v):
+        raise GPT2Error("stop strings must be non-empty strings")
+
+
+def _bias(name: str, v: Any) -> None:
+    for token, bias in v:
+        if type(token) is not int or token < 0:
+            raise GPT2Error(f"logit_bias keys must be token ids, got {token!r}")
+        _number(-100, 100)(f"the logit bias of token {token}", bias)
+
+
+def _flag(name: str, v: Any) -> None:
+    if type(v) is not bool:
+        raise GPT2Error(f"{name} must be true or false, got {v!r}")
+
+
+def option(default: Any, help: str, check: Callable[[str, Any], None], cli: dict | None = None) -> Any:
+    """A field of `Options`: its default, its rule, and (`cli`) how command lines spell it:
+    `flag` (default `--name-with-dashes`), `type`, `metavar`, `multiple`, `is_flag`, `invert`."""
+    return field(default=default, metadata={"help": help, "check": check, "cli": cli})
+
+
 @dataclass(frozen=True)
 class Options:
-    """Everything about one generation call except the prompts."""
+    """How to generate: the one definition of every generation option.
 
-    n_tokens: int = 50
-    sampling: Sampling = Sampling()
-    stop: tuple[str, ...] = ()
-    stop_at_eos: bool = True
-    sliding_window: bool = False
+    The Python API takes these as keyword arguments, `gpt-run` and `gpt-batch` as flags (built from
+    the `cli` entries below) and `gpt-serve` maps OpenAI's request fields onto them.
+    """
+
+    n_tokens: int = option(50, "How many tokens to generate at most.", _whole(0),
+                           {"flag": "-n/--n-tokens", "type": int, "show_default": True})
+    temperature: float | None = option(
+        None, "Sample with this temperature (0 means greedy). Greedy is the default.", _sampling_field,
+        {"type": float})
+    top_k: int | None = option(None, "Sample only from the K most likely tokens.", _sampling_field,
+                               {"type": int, "metavar": "K"})
+    top_p: float | None = option(
+        None, "Sample only from the smallest set of most likely tokens whose probability reaches P.",
+        _sampling_field, {"type": float, "metavar": "P"})
+    seed: int | None = option(None, "Seed for sampling: the same seed gives the same text.", _sampling_field,
+                              {"type": int})
+    stop: tuple[str, ...] = option((), "Stop when the text reaches TEXT, which is not printed. Repeat for several.",
+                                   _stops, {"type": str, "multiple": True, "metavar": "TEXT"})
+    stop_at_eos: bool = option(True, "Keep generating after <|endoftext|>.", _flag,
+                               {"flag": "--ignore-eos", "is_flag": True, "invert": True})
+    sliding_window: bool = option(
+        False, "When the context is full, go on over its most recent half (recomputed) instead of stopping.",
+        _flag, {"is_flag": True})
+    presence_penalty: float = option(
+        0.0, "Subtract P from the logit of every token already generated (-2 to 2).", _number(-2, 2),
+        {"type": float, "metavar": "P"})
+    frequency_penalty: float = option(
+        0.0, "Subtract F times its count so far from each generated token's logit (-2 to 2).", _number(-2, 2),
+        {"type": float, "metavar": "F"})
+    logit_bias: tuple[tuple[int, float], ...] = option(
+        (), "Add BIAS (-100 to 100) to token ID's logit before choosing; repeat for several.", _bias,
+        {"type": str, "multiple": True, "metavar": "ID=BIAS"})
+    logprobs: int = option(0, "Record the N most likely tokens and their log-probabilities at each new "
+                              f"token (0 to {MAX_TOP_LOGPROBS}; shown with --json).",
+                           _whole(0, MAX_TOP_LOGPROBS), {"type": int, "metavar": "N"})
+    prompt_logprobs: int | None = option(
+        None, "Score the prompt's tokens too, recording N alternatives at each (the first token has none).",
+        lambda name, v: v is None or _whole(0, MAX_TOP_LOGPROBS)(name, v))
 
     def __post_init__(self) -> None:
-        if type(self.n_tokens) is not int or self.n_tokens < 0:
-            raise GPT2Error(f"the number of tokens must be a whole number >= 0, got {self.n_tokens!r}")
-        if not all(isinstance(s, str) and s for s in self.stop):
-            raise GPT2Error("stop strings must be non-empty strings")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        if isinstance(self.logit_bias, Mapping):
+            try:
+                pairs = tuple((int(k), v) for k, v in self.logit_bias.items())
+            except (TypeError, ValueError):
+                raise GPT2Error("logit_bias keys must be token ids") from None
+            object.__setattr__(self, "logit_bias", pairs)
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "logit_bias", tuple(tuple(p) for p in self.logit_bias))
+        for f in fields(self):
+            self.check(f.name, getattr(self, f.name))
+        if self.prompt_logprobs is not None and self.sliding_window:
+            raise GPT2Error("prompt log-probabilities and the sliding window do not go together")
+
+    @classmethod
+    def check(cls, name: str, value: Any) -> None:
+        """Raise `GPT2Error` if `value` is not allowed for the option `name`."""
+        cls.__dataclass_fields__[name].metadata["check"](name, value)
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.temperature, self.top_k, self.top_p, self.seed)
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
 
+# --------------------------------------------------------------------------------- the outcome
 @dataclass
 class Generation:
     """The outcome of one prompt.
@@ -62,14 +169,24 @@ class Generation:
     `ids` are all generated tokens (including an `<|endoftext|>` or the token that completed a
     stop string); `text` is what was streamed: their text up to, not including, the stop string
     or `<|endoftext|>`. `logprobs[i]` is the model's log-probability of `ids[i]` (temperature 1,
-    before any filtering). `stop_reason` is a key of `STOP_REASONS`.
+    before penalties, bias or filtering); with the option `logprobs=N`, `top_logprobs[i]` maps the
+    N most likely token ids at that step to theirs. With `prompt_logprobs`, `prompt_logprobs[i]` is
+    the log-probability of `prompt_ids[i]` given the tokens before it (None for the first).
+    `stop_reason` is a key of `STOP_REASONS`; `error` says what went wrong when it is "error".
+    Timings: `queue_s` waiting for a place in the batch, `prefill_s` from then to the first
+    token, `decode_s` from the first token to the last.
     """
 
     prompt_ids: list[int]
     ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    prompt_logprobs: list[float | None] = field(default_factory=list)
+    prompt_top_logprobs: list[dict[int, float] | None] = field(default_factory=list)
     stop_reason: str = ""
+    error: str | None = None
+    queue_s: float = 0.0
     prefill_s: float = 0.0
     decode_s: float = 0.0
 
@@ -79,16 +196,22 @@ class Generation:
         return (len(self.ids) - 1) / self.decode_s if len(self.ids) > 1 and self.decode_s > 0 else 0.0
 
     def to_dict(self) -> dict:
-        return {"prompt_ids": self.prompt_ids, "ids": self.ids, "text": self.text, "logprobs": self.logprobs,
-                "stop_reason": self.stop_reason,
-                "timings": {"prefill_s": self.prefill_s, "decode_s": self.decode_s,
-                            "tokens_per_s": self.tokens_per_s}}
+        d = {"prompt_ids": self.prompt_ids, "ids": self.ids, "text": self.text, "logprobs": self.logprobs,
+             "stop_reason": self.stop_reason,
+             "timings": {"prefill_s": self.prefill_s, "decode_s": self.decode_s, "tokens_per_s": self.tokens_per_s}}
+        if self.top_logprobs:
+            d["top_logprobs"] = [{str(k): v for k, v in t.items()} for t in self.top_logprobs]
+        if self.prompt_logprobs:
+            d["prompt_logprobs"] = self.prompt_logprobs
+        if self.error is not None:
+            d["error"] = self.error
+        return d
 
 
 class StopStrings:
     """Passes text through, holding back any tail that might be the start of a stop string."""
 
-    def __init__(self, stops: Sequence[str]):
+    def __init__(self, stops: Seq[str]):
         self.stops = list(stops)
         self.held = ""
 
@@ -109,42 +232,99 @@ class StopStrings:
         return text
 
 
-class _Sequence:
-    """One prompt's state while it decodes."""
+# --------------------------------------------------------------------------------- one sequence
+class Sequence:
+    """One prompt's state while it waits, reads its prompt and decodes.
 
-    def __init__(self, prompt_ids: list[int], options: Options, config: GPT2Config, tokenizer: Tokenizer):
+    `pending` holds the positions still to run before the next token can be chosen: the prompt
+    (or the part of it not yet read), then one token at a time. The engine runs some or all of
+    them and, once none is left, hands the logits of the last one to `accept`. `cancel()` may be
+    called from any thread; the engine drops the sequence at its next step.
+    """
+
+    def __init__(self, prompt_ids: list[int], options: Options, config: GPT2Config, tokenizer: Tokenizer,
+                 error: str | None = None):
         self.result = Generation(prompt_ids=list(prompt_ids))
-        self.options, self.config = options, config
+        self.options, self.config, self.tokenizer = options, config, tokenizer
         self.context = list(prompt_ids)  # prompt and generated tokens: what a sliding window restarts from
-        self.rng = options.sampling.rng()
-        self.decoder = tokenizer.stream_decoder()
-        self.stops = StopStrings(options.stop)
-        self.done = options.n_tokens == 0
-        if self.done:
-            self.result.stop_reason = "length"
+        self.cancelled = False
+        self.done = False
+        self.cache: KVCache | None = None  # allocated when the engine admits the sequence
+        self.submitted_at = time.perf_counter()
+        self.admitted_at = self.first_token_at = self.finished_at = 0.0
+        self.tag: Any = None  # for the caller: which request or prompt this is
+        if error is not None:
+            self.fail(error)
+            return
         n = config.n_positions
+        if not prompt_ids:
+            raise GPT2Error("a prompt is empty (start it with <|endoftext|> for unconditional text)")
+        check_ids(prompt_ids, config)
+        for token, _ in options.logit_bias:
+            if token >= config.vocab_size:
+                raise GPT2Error(f"logit_bias names token {token}, outside the vocabulary (0..{config.vocab_size - 1})")
         if len(prompt_ids) > n and not options.sliding_window:
             raise GPT2Error(f"the prompt is {len(prompt_ids)} tokens; the model's context is {n} "
                             "(the sliding window keeps only the most recent part)")
-        self._restart(self.context[-self.window:] if len(prompt_ids) > n else self.context)
+        self.rng = options.sampling.rng()
+        self.decoder = tokenizer.stream_decoder()
+        self.stops = StopStrings(options.stop)
+        self.counts: dict[int, int] = {}  # generated tokens, for the penalties
+        self.scoring = options.prompt_logprobs is not None  # the prompt's own tokens are being scored
+        if self.scoring:
+            self.result.prompt_logprobs.append(None)
+            self.result.prompt_top_logprobs.append(None)
+        self.pending = np.asarray(self.context[-self.window:] if len(prompt_ids) > n else self.context, np.int64)
+        if options.n_tokens == 0 and not self.scoring:
+            self._finish("length", "", flush=False)
 
     @property
     def window(self) -> int:
         """How many recent tokens a sliding window keeps when the context is full."""
         return self.config.n_positions // 2
 
-    def _restart(self, ids: list[int]) -> None:
-        left = self.options.n_tokens - len(self.result.ids)
-        self.cache = KVCache(self.config, min(self.config.n_positions, len(ids) + left))
-        self.pending = np.asarray(ids, dtype=np.int64)
+    def cancel(self) -> None:
+        self.cancelled = True
 
-    def accept(self, logits: np.ndarray) -> tuple[int, str]:
-        """Choose the next token from `logits`; return it and the text it releases."""
+    def admit(self) -> None:
+        """Take a place in the batch: allocate the cache for the prompt and every new token."""
+        self.admitted_at = time.perf_counter()
+        self.result.queue_s = self.admitted_at - self.submitted_at
+        self._new_cache(len(self.pending))
+
+    def _new_cache(self, n_ids: int) -> None:
+        left = self.options.n_tokens - len(self.result.ids)
+        self.cache = KVCache(self.config, min(self.config.n_positions, n_ids + left))
+
+    def score_prompt(self, logits: np.ndarray, first: int) -> None:
+        """Record the prompt's log-probabilities from the logits of its positions first, first+1, ...
+        (position j predicts prompt token j + 1)."""
+        opts, r, prompt = self.options, self.result, self.result.prompt_ids
+        for j, row in enumerate(logits, start=first):
+            if j + 1 >= len(prompt):
+                break
+            r.prompt_logprobs.append(token_logprob(row, prompt[j + 1]))
+            r.prompt_top_logprobs.append(top_logprobs(row, opts.prompt_logprobs) if opts.prompt_logprobs else {})
+
+    def accept(self, logits: np.ndarray) -> tuple[int | None, str]:
+        """Choose the next token from the logits of the last position; return it and the text it
+        releases. A sequence that only scores its prompt (no new tokens) finishes here instead."""
         r, opts = self.result, self.options
-        token = choose(logits, opts.sampling, self.rng)
+        now = time.perf_counter()
+        if not r.ids:
+            self.first_token_at = now
+            r.prefill_s = now - self.admitted_at
+        self.scoring = False
+        if opts.n_tokens == 0:
+            return None, self._finish("length", "", flush=False)
+        z = self._adjusted(logits) if opts.adjusts_logits else logits
+        token = choose(z, opts.sampling, self.rng)
         r.ids.append(token)
         r.logprobs.append(token_logprob(logits, token))
+        if opts.logprobs:
+            r.top_logprobs.append(top_logprobs(logits, opts.logprobs))
         self.context.append(token)
+        self.counts[token] = self.counts.get(token, 0) + 1
         if opts.stop_at_eos and token == self.config.eos_token_id:
             return token, self._finish("eos", "")
         text, stopped = self.stops.feed(self.decoder.feed(token))
@@ -155,11 +335,23 @@ class _Sequence:
         if self.cache.length == self.config.n_positions:
             if not opts.sliding_window:
                 return token, self._finish("context", text)
-            self._restart(self.context[-self.window:])
+            self.pending = np.asarray(self.context[-self.window:], np.int64)
+            self._new_cache(len(self.pending))
         else:
             self.pending = np.array([token])
         r.text += text
         return token, text
+
+    def _adjusted(self, logits: np.ndarray) -> np.ndarray:
+        """The logits after OpenAI's penalties (on tokens generated so far) and the logit bias."""
+        opts, z = self.options, logits.copy()
+        if self.counts:
+            ids = np.fromiter(self.counts, np.int64, len(self.counts))
+            counts = np.fromiter(self.counts.values(), np.float32, len(self.counts))
+            z[ids] -= np.float32(opts.frequency_penalty) * counts + np.float32(opts.presence_penalty)
+        for token, bias in opts.logit_bias:
+            z[token] += np.float32(bias)
+        return z
 
     def _finish(self, reason: str, text: str, flush: bool = True) -> str:
         if flush:  # a trailing partial UTF-8 character, then anything held for the stop strings
@@ -167,39 +359,33 @@ class _Sequence:
             text += tail if stopped else tail + self.stops.flush()
             reason = "stop" if stopped else reason
         self.done = True
-        self.result.stop_reason = reason
-        self.result.text += text
+        self.cache = None  # the memory goes back now, not when the caller lets go of the sequence
+        self.finished_at = time.perf_counter()
+        r = self.result
+        r.stop_reason = reason
+        r.text += text
+        if self.first_token_at:
+            r.decode_s = self.finished_at - self.first_token_at
         return text
 
+    def fail(self, message: str) -> None:
+        self.result.error = message
+        self._finish("error", "", flush=False)
 
-class Decoder:
-    """Decodes a batch of prompts together; checks everything before any work starts."""
+    def drop(self) -> None:
+        """End a cancelled sequence: what it generated so far stays in its result."""
+        self._finish("cancelled", "", flush=False)
 
-    def __init__(self, params: Params, config: GPT2Config, tokenizer: Tokenizer,
-                 prompts: Sequence[Sequence[int]], options: Options):
-        for ids in prompts:
-            if len(ids) == 0:
-                raise GPT2Error("a prompt is empty (start it with <|endoftext|> for unconditional text)")
-            check_ids(ids, config)
-        self.params, self.config = params, config
-        self.sequences = [_Sequence(list(ids), options, config, tokenizer) for ids in prompts]
-        self.results = [s.result for s in self.sequences]
 
-    def events(self) -> Iterator[tuple[int, int, str]]:
-        """(prompt index, token, text it releases) for each token as it is chosen, in order."""
-        started, first = time.perf_counter(), True
-        active = [(i, s) for i, s in enumerate(self.sequences) if not s.done]
-        while active:
-            hidden = transformer(self.params, self.config, [(s.pending, s.cache) for _, s in active])
-            logits = lm_head(self.params, np.concatenate(hidden))  # one product for the whole batch
-            if first:
-                prefilled = time.perf_counter()
-                for _, s in active:
-                    s.result.prefill_s = prefilled - started
-                first = False
-            for (i, s), row in zip(active, logits):
-                token, text = s.accept(row)
-                if s.done:
-                    s.result.decode_s = time.perf_counter() - prefilled
-                yield i, token, text
-            active = [(i, s) for i, s in active if not s.done]
+def parse_logit_bias(items: Seq[str]) -> dict[int, float]:
+    """`["50256=-100", "13=2.5"]` (the command-line form) -> {50256: -100.0, 13: 2.5}."""
+    out = {}
+    for item in items:
+        token, sep, bias = item.partition("=")
+        try:
+            out[int(token)] = float(bias)
+        except ValueError:
+            raise GPT2Error(f"--logit-bias takes ID=BIAS (a token id and a number), got {item!r}") from None
+        if not math.isfinite(out[int(token)]):
+            raise GPT2Error(f"--logit-bias needs a finite bias, got {item!r}")
+    return out

@@ -201,12 +201,15 @@ def transformer_block(x: np.ndarray, p: Block, config: GPT2Config, segments: lis
 
 
 def transformer(params: Params, config: GPT2Config, batch: list[tuple[np.ndarray, KVCache]],
-                all_positions: bool = False) -> list[np.ndarray]:
+                all_positions: bool | list[bool] = False) -> list[np.ndarray]:
     """Run each sequence's new `ids` (the positions after those in its cache) through GPT-2.
 
     Extends every cache and returns, per sequence, the final hidden state (after ln_f) of its
-    last position [1, E], or of every new position [T, E] with `all_positions`.
+    last position [1, E], or of every new position [T, E] with `all_positions` (one flag for
+    all sequences, or one per sequence).
     """
+    if isinstance(all_positions, bool):
+        all_positions = [all_positions] * len(batch)
     segments, embeddings, row = [], [], 0
     for ids, cache in batch:
         start, T = cache.length, len(ids)
@@ -222,7 +225,7 @@ def transformer(params: Params, config: GPT2Config, batch: list[tuple[np.ndarray
             x = transformer_block(x, block, config, segments, layer)
     for rows, cache in segments:
         cache.length += rows.stop - rows.start
-    picked = [x[rows] if all_positions else x[rows.stop - 1:rows.stop] for rows, _ in segments]
+    picked = [x[rows] if every else x[rows.stop - 1:rows.stop] for (rows, _), every in zip(segments, all_positions)]
     return [layer_norm(h, params.ln_f, config.layer_norm_epsilon) for h in picked]
 
 

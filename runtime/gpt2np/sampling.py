@@ -64,6 +64,14 @@ def token_logprob(logits: np.ndarray, token: int) -> float:
     return float(logits[token] - top - np.log(np.exp(logits - top).sum(dtype=np.float64)))
 
 
+def top_logprobs(logits: np.ndarray, k: int) -> dict[int, float]:
+    """The k most likely tokens (ties by lower id) and their log-probabilities, most likely first."""
+    top = logits.max()
+    lse = float(top) + float(np.log(np.exp(logits - top).sum(dtype=np.float64)))
+    ids = _top(logits, k)
+    return {int(i): float(logits[i]) - lse for i in ids}
+
+
 def candidates(logits: np.ndarray, s: Sampling) -> tuple[np.ndarray, np.ndarray]:
     """The tokens sampling may choose and their probabilities, most likely first.
 
@@ -106,6 +114,11 @@ def choose(logits: np.ndarray, s: Sampling, rng: np.random.Generator | None) -> 
     """The next token: argmax (lowest id on ties) if greedy, else a draw from `candidates`."""
     if s.greedy:
         return int(np.argmax(logits))
+    if s.top_k is None and (s.top_p is None or s.top_p == 1):
+        # Nothing is filtered: draw over the whole vocabulary in id order, no sort needed.
+        z = logits.astype(np.float64) / (s.temperature if s.temperature else 1.0)
+        cdf = np.cumsum(np.exp(z - z.max()))
+        return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(cdf) - 1))
     ids, p = candidates(logits, s)
     u = rng.random()
     return int(ids[min(int(np.searchsorted(np.cumsum(p), u, side="right")), len(ids) - 1)])

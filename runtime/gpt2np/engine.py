@@ -1,0 +1,153 @@
+"""The decode loop: continuous batching of sequences, one forward pass per step.
+
+Every front door drives this loop: `GPT2.generate` and `generate_batch`, `gpt-run --prompts-file`,
+`gpt-serve` and the Ray stages. Each `step()`:
+
+1. drops cancelled sequences, then admits waiting ones while fewer than `max_batch` run;
+2. gathers the positions each running sequence needs next: one token for a decoding sequence, a
+   chunk of its prompt for one still reading it (at most `prefill_chunk` prompt tokens per step in
+   all, so that decoding sequences keep moving while a long prompt is read);
+3. runs them all through the model in one forward pass (one matrix product per weight), and the LM
+   head once over the last position of every sequence whose prompt is read;
+4. lets each of those sequences choose its token; finished ones leave at once.
+
+Sequences never share state: each has its own cache, options, random stream, stop rules, timings
+and error, so one that fails does not affect the others.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Iterator
+
+import numpy as np
+
+from .config import GPT2Config
+from .generate import Options, Sequence
+from .model import Params, lm_head, transformer
+from .tokenizer import Tokenizer
+
+_SCORE_ROWS = 256  # prompt logits for scoring are made this many rows at a time: [256, 50257] is 51 MB
+
+Event = tuple[Sequence, "int | None", str]
+"""(sequence, the token it chose or None, the text that token releases). A sequence's last event
+comes when it is done (`sequence.done`); one that ends without a token (cancelled, failed, or only
+scoring its prompt) gets an event with None."""
+
+
+class Engine:
+    """A set of sequences decoded together. Not thread-safe: one thread calls `add` and `step`
+    (`Sequence.cancel` is the exception: any thread may call it).
+
+    `max_batch`: the most sequences in one forward pass (None: no limit); others wait in order.
+    `prefill_chunk`: the most prompt tokens read per step (None: whole prompts at once, the
+    fastest for offline batches; a server sets it so that running streams are not held up).
+    """
+
+    def __init__(self, params: Params, config: GPT2Config, tokenizer: Tokenizer,
+                 max_batch: int | None = None, prefill_chunk: int | None = None):
+        if max_batch is not None and max_batch < 1 or prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError("max_batch and prefill_chunk must be at least 1")
+        self.params, self.config, self.tokenizer = params, config, tokenizer
+        self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+        self._ended: list[Sequence] = []  # done before they ran: reported at the next step
+        self.steps = 0
+
+    def add(self, prompt_ids: list[int], options: Options, tag=None) -> Sequence:
+        """Queue a prompt. Raises `GPT2Error` if it cannot run (nothing is queued then)."""
+        return self._queue(Sequence(list(prompt_ids), options, self.config, self.tokenizer), tag)
+
+    def add_failed(self, prompt_ids: list[int], options: Options, error: str, tag=None) -> Sequence:
+        """Queue a prompt that is already known to fail: it ends at the next step with `error`."""
+        return self._queue(Sequence(list(prompt_ids), options, self.config, self.tokenizer, error=error), tag)
+
+    def _queue(self, seq: Sequence, tag) -> Sequence:
+        seq.tag = tag
+        (self._ended if seq.done else self.waiting).append(seq)
+        return seq
+
+    @property
+    def idle(self) -> bool:
+        return not (self.waiting or self.running or self._ended)
+
+    def step(self) -> list[Event]:
+        """Admit, run one forward pass, choose tokens; return this step's events in order."""
+        events: list[Event] = [(s, None, "") for s in self._ended]
+        self._ended = []
+        for s in [*self.running, *self.waiting]:
+            if s.cancelled and not s.done:
+                s.drop()
+                events.append((s, None, ""))
+        self.running = [s for s in self.running if not s.done]
+        self.waiting = collections.deque(s for s in self.waiting if not s.done)
+        while self.waiting and (self.max_batch is None or len(self.running) < self.max_batch):
+            s = self.waiting.popleft()
+            s.admit()
+            self.running.append(s)
+        if not self.running:
+            return events
+        self.steps += 1
+        batch = self._positions()
+        try:
+            hidden = transformer(self.params, self.config, [(s.pending[:n], s.cache) for s, n in batch],
+                                 all_positions=[s.scoring for s, _ in batch])
+        except Exception as e:  # noqa: BLE001 -- a failed pass fails its sequences, never the loop
+            for s, _ in batch:
+                s.fail(f"the forward pass failed: {type(e).__name__}: {e}")
+                events.append((s, None, ""))
+            self.running = [s for s in self.running if not s.done]
+            return events
+        ready = []
+        for (s, n), h in zip(batch, hidden):
+            first = s.cache.length - n
+            s.pending = s.pending[n:]
+            try:
+                if s.scoring:
+                    self._score(s, h, first)
+            except Exception as e:  # noqa: BLE001
+                s.fail(f"scoring the prompt failed: {type(e).__name__}: {e}")
+                events.append((s, None, ""))
+                continue
+            if len(s.pending) == 0:
+                ready.append((s, h[-1:]))
+        if ready:
+            logits = lm_head(self.params, np.concatenate([h for _, h in ready]))  # one product for all
+            for (s, _), row in zip(ready, logits):
+                try:
+                    token, text = s.accept(row)
+                except Exception as e:  # noqa: BLE001
+                    s.fail(f"choosing a token failed: {type(e).__name__}: {e}")
+                    token, text = None, ""
+                events.append((s, token, text))
+        self.running = [s for s in self.running if not s.done]
+        return events
+
+    def _positions(self) -> list[tuple[Sequence, int]]:
+        """How many pending positions of each running sequence go into this step's pass."""
+        budget = self.prefill_chunk if self.prefill_chunk is not None else float("inf")
+        batch = []
+        for s in self.running:
+            n = len(s.pending)
+            if n > 1:  # reading a prompt (or a sliding window's restart)
+                n = int(min(n, budget))
+                budget -= n
+            if n:
+                batch.append((s, n))
+        return batch
+
+    def _score(self, s: Sequence, h: np.ndarray, first: int) -> None:
+        for lo in range(0, len(h), _SCORE_ROWS):
+            s.score_prompt(lm_head(self.params, h[lo:lo + _SCORE_ROWS]), first + lo)
+
+    def events(self) -> Iterator[Event]:
+        """Step until every sequence is done, yielding events as they come."""
+        while not self.idle:
+            yield from self.step()
+
+    def run(self) -> None:
+        """Step until every sequence is done."""
+        for _ in self.events():
+            pass
+

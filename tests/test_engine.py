@@ -1,0 +1,184 @@
+"""The one decode loop: continuous batching, chunked prompts, per-sequence options and errors."""
+
+import numpy as np
+import pytest
+
+import gpt2np
+from gpt2np import GPT2Error, Options
+from gpt2np.sampling import log_softmax
+
+
+@pytest.fixture(scope="module")
+def model(small_model_dir):
+    return gpt2np.load(small_model_dir)
+
+
+PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog again and again", "日本語",
+           "x", "Once upon a time there was", "1 2 3 4 5 6 7 8 9 10 11 12"]
+
+
+def run(engine):
+    log = []
+    for seq, token, text in engine.events():
+        log.append((seq.tag, token, text))
+    return log
+
+
+@pytest.mark.parametrize("max_batch, chunk", [(1, None), (2, 3), (3, 1), (None, 5)])
+def test_any_batching_and_chunking_gives_the_single_results(model, max_batch, chunk):
+    opts = Options(n_tokens=12, stop_at_eos=False)
+    engine = model.engine(max_batch=max_batch, prefill_chunk=chunk)
+    seqs = [engine.add(model.encode(p), opts, tag=i) for i, p in enumerate(PROMPTS)]
+    widest = 0
+    while not engine.idle:
+        engine.step()
+        widest = max(widest, len(engine.running))
+        if chunk is not None:  # never more prompt tokens in one step than the chunk allows
+            assert all(len(s.pending) <= len(s.result.prompt_ids) for s in engine.running)
+    assert max_batch is None or widest <= max_batch
+    singles = [model.complete(p, 12, stop_at_eos=False) for p in PROMPTS]
+    assert [s.result.ids for s in seqs] == [g.ids for g in singles]
+    assert [s.result.text for s in seqs] == [g.text for g in singles]
+
+
+def test_prefill_chunk_bounds_the_positions_per_step(model, monkeypatch):
+    seen = []
+    real = gpt2np.engine.transformer
+
+    def spy(params, config, batch, all_positions=False):
+        seen.append([len(ids) for ids, _ in batch])
+        return real(params, config, batch, all_positions)
+
+    monkeypatch.setattr(gpt2np.engine, "transformer", spy)
+    engine = model.engine(prefill_chunk=4)
+    running = engine.add(model.encode("a"), Options(n_tokens=20, stop_at_eos=False))
+    engine.step()  # the short prompt is read; it now decodes one token per step
+    long = engine.add(list(range(100, 140)), Options(n_tokens=3, stop_at_eos=False))
+    engine.run()
+    # While the 40-token prompt is read in chunks of 4, the running sequence gets a token every step.
+    assert seen[1:11] == [[1, 4]] * 10
+    assert len(running.result.ids) == 20 and len(long.result.ids) == 3
+    assert long.result.ids == model.complete(list(range(100, 140)), 3, stop_at_eos=False).ids
+
+
+def test_new_sequences_join_between_steps_and_finished_ones_leave(model):
+    engine = model.engine(max_batch=2)
+    a = engine.add(model.encode("a"), Options(n_tokens=2, stop_at_eos=False))
+    b = engine.add(model.encode("b"), Options(n_tokens=6, stop_at_eos=False))
+    c = engine.add(model.encode("c"), Options(n_tokens=3, stop_at_eos=False))
+    engine.step()
+    assert engine.running == [a, b] and list(engine.waiting) == [c]
+    engine.step()  # a is done after its second token
+    assert a.done and engine.running == [b]
+    engine.step()
+    assert engine.running == [b, c]
+    engine.run()
+    assert [len(s.result.ids) for s in (a, b, c)] == [2, 6, 3]
+
+
+def test_one_bad_prompt_never_fails_the_others(model):
+    results = model.generate_batch(["fine", [1, 50257], list(range(70)), "also fine"], 5, stop_at_eos=False)
+    assert [r.stop_reason for r in results] == ["length", "error", "error", "length"]
+    assert "outside the vocabulary" in results[1].error and "context is 64" in results[2].error
+    assert results[3].ids == model.complete("also fine", 5, stop_at_eos=False).ids
+    with pytest.raises(GPT2Error, match="outside the vocabulary"):
+        model.complete([1, 50257], 5)
+
+
+def test_a_failure_inside_a_step_fails_only_its_sequence(model, monkeypatch):
+    engine = model.engine()
+    good = engine.add(model.encode("good"), Options(n_tokens=4, stop_at_eos=False))
+    bad = engine.add(model.encode("bad"), Options(n_tokens=4, stop_at_eos=False))
+
+    def broken(logits):
+        raise FloatingPointError("injected")
+
+    monkeypatch.setattr(bad, "accept", broken)
+    engine.run()
+    assert bad.result.stop_reason == "error" and "injected" in bad.result.error
+    assert good.result.ids == model.complete("good", 4, stop_at_eos=False).ids
+
+
+def test_cancel_leaves_at_the_next_step(model):
+    engine = model.engine()
+    keep = engine.add(model.encode("keep"), Options(n_tokens=8, stop_at_eos=False))
+    gone = engine.add(model.encode("gone"), Options(n_tokens=8, stop_at_eos=False))
+    engine.step()
+    gone.cancel()
+    events = engine.step()
+    assert (gone, None, "") in events and gone.result.stop_reason == "cancelled"
+    assert engine.running == [keep] and len(gone.result.ids) == 1 and gone.cache is None
+    engine.run()
+    assert keep.result.ids == model.complete("keep", 8, stop_at_eos=False).ids
+
+
+def test_prompt_logprobs_equal_the_logits_even_in_chunks(model):
+    ids = model.encode("Scoring the prompt: every token but the first gets a log-probability.")
+    lp = log_softmax(model.logits(ids))
+    expected = [None] + [lp[j, ids[j + 1]] for j in range(len(ids) - 1)]
+    for chunk in (None, 3):
+        engine = model.engine(prefill_chunk=chunk)
+        seq = engine.add(ids, Options(n_tokens=0, prompt_logprobs=2))
+        events = run(engine)
+        r = seq.result
+        assert events == [(None, None, "")] and r.ids == [] and r.stop_reason == "length"
+        assert r.prompt_logprobs[0] is None
+        np.testing.assert_allclose(r.prompt_logprobs[1:], expected[1:], atol=1e-5)
+        for j, top in enumerate(r.prompt_top_logprobs[1:]):
+            best = np.argsort(-lp[j], kind="stable")[:2]
+            assert list(top) == best.tolist()
+            np.testing.assert_allclose(list(top.values()), lp[j, best], atol=1e-5)
+
+
+def test_top_logprobs_of_generated_tokens(model):
+    g = model.complete("Top tokens", 6, stop_at_eos=False, logprobs=3)
+    lp = log_softmax(model.logits(g.prompt_ids + g.ids))
+    n = len(g.prompt_ids)
+    for i, (token, top) in enumerate(zip(g.ids, g.top_logprobs)):
+        row = lp[n - 1 + i]
+        assert list(top) == np.argsort(-row, kind="stable")[:3].tolist()
+        assert token == next(iter(top))  # greedy: the chosen token is the most likely
+        np.testing.assert_allclose(g.logprobs[i], row[token], atol=1e-5)
+
+
+def test_penalties_and_logit_bias(model):
+    plain = model.complete("the the the", 12, stop_at_eos=False)
+    banned = plain.ids[0]
+    biased = model.complete("the the the", 12, stop_at_eos=False, logit_bias={banned: -100})
+    assert banned not in biased.ids
+    forced = model.complete("the the the", 5, stop_at_eos=False, logit_bias={"42": 100})
+    assert forced.ids == [42] * 5
+    # Penalties as OpenAI defines them: logit - count·frequency - (count > 0)·presence, counting
+    # generated tokens only; checked step by step against the model's own logits.
+    prompt = model.encode("the the the")
+    g = model.complete(prompt, 15, stop_at_eos=False, frequency_penalty=0.7, presence_penalty=0.4)
+    logits = model.logits(prompt + g.ids).astype(np.float64)
+    for i, token in enumerate(g.ids):
+        z = logits[len(prompt) - 1 + i].copy()
+        for t in set(g.ids[:i]):
+            z[t] -= 0.7 * g.ids[:i].count(t) + 0.4
+        assert token == int(np.argmax(z))
+    assert len(set(g.ids)) > len(set(plain.ids[:15]))  # the random model repeats itself without them
+    # Log-probabilities stay the model's own, before penalties and bias.
+    lp = log_softmax(model.logits(forced.prompt_ids + forced.ids[:1]))
+    np.testing.assert_allclose(forced.logprobs[0], lp[len(forced.prompt_ids) - 1, 42], atol=1e-5)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(presence_penalty=3), "presence_penalty must be a number from -2 to 2"),
+    (dict(frequency_penalty="1"), "frequency_penalty"),
+    (dict(logit_bias={5: 101}), "logit bias of token 5"),
+    (dict(logit_bias={"x": 1}), "logit_bias keys must be token ids"),
+    (dict(logprobs=21), "logprobs must be a whole number from 0 to 20"),
+    (dict(n_tokens=-1), "n_tokens"),
+    (dict(stop=[""]), "stop strings"),
+    (dict(top_p=0), "top-p"),
+])
+def test_options_are_checked_once_for_every_front_door(bad, message):
+    with pytest.raises(GPT2Error, match=message):
+        Options(**bad)
+
+
+def test_logit_bias_outside_the_vocabulary(model):
+    with pytest.raises(GPT2Error, match="outside the vocabulary"):
+        model.complete("x", 2, logit_bias={50257: 1})
