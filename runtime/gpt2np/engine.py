@@ -57,14 +57,21 @@ class Engine:
 
     def add(self, prompt_ids: list[int], options: Options, tag=None) -> Sequence:
         """Queue a prompt. Raises `GPT2Error` if it cannot run (nothing is queued then)."""
-        return self._queue(Sequence(list(prompt_ids), options, self.config, self.tokenizer), tag)
+        return self.submit(self.sequence(prompt_ids, options), tag)
 
     def add_failed(self, prompt_ids: list[int], options: Options, error: str, tag=None) -> Sequence:
         """Queue a prompt that is already known to fail: it ends at the next step with `error`."""
-        return self._queue(Sequence(list(prompt_ids), options, self.config, self.tokenizer, error=error), tag)
+        return self.submit(Sequence(list(prompt_ids), options, self.config, self.tokenizer, error=error), tag)
 
-    def _queue(self, seq: Sequence, tag) -> Sequence:
-        seq.tag = tag
+    def sequence(self, prompt_ids: list[int], options: Options) -> Sequence:
+        """A new sequence for this engine's model, checked but not queued (`GPT2Error` if it
+        cannot run). Another thread may make it and hand it to the engine's thread to `submit`."""
+        return Sequence(list(prompt_ids), options, self.config, self.tokenizer)
+
+    def submit(self, seq: Sequence, tag=None) -> Sequence:
+        """Queue a sequence made by `sequence`; it joins the batch at a coming step."""
+        if tag is not None:
+            seq.tag = tag
         (self._ended if seq.done else self.waiting).append(seq)
         return seq
 

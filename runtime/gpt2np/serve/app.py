@@ -1,0 +1,208 @@
+"""The HTTP endpoints of `gpt-serve` (FastAPI), and the one place errors get OpenAI's shape."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import GPT2
+from . import protocol as P
+from .completions import Completions
+from .metrics import Metrics
+from .protocol import APIError, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .worker import EngineWorker
+
+log = logging.getLogger("gpt2np.serve")
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+"""The largest request body accepted (413 beyond): room for 64 prompts of 1024 token ids."""
+
+
+@dataclass
+class ServerState:
+    model: GPT2
+    model_name: str
+    worker: EngineWorker
+    metrics: Metrics
+    api_key: str | None = None
+    started: int = field(default_factory=P.now)
+    draining: bool = False
+    in_flight: int = 0  # completion requests not yet answered in full
+
+
+def error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+class Guard:
+    """Pure ASGI middleware in front of everything: body size limit, draining, API key, metrics.
+    (Pure ASGI, not BaseHTTPMiddleware, so that streamed responses pass through untouched.)"""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        status = {}
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            error = self.check(scope, path)
+            if error is None and scope["method"] in ("POST", "PUT", "PATCH"):
+                receive, error = await self.read_body(scope, receive)
+            if error is not None:
+                return await error_response(error)(scope, receive, send_status)
+            await self.app(scope, receive, send_status)
+        finally:
+            if path.startswith("/v1/") or path in ("/tokenize", "/detokenize"):
+                self.state.metrics.requests.labels(path if path in _KNOWN else "other",
+                                                   str(status.get("code", 499))).inc()
+
+    def check(self, scope, path: str) -> APIError | None:
+        if self.state.draining and path != "/metrics":
+            return APIError(503, "the server is shutting down and takes no new requests", type="server_error",
+                            code="shutting_down")
+        key = self.state.api_key
+        if key and path.startswith("/v1/"):
+            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            given = auth[7:] if auth[:7].lower() == "bearer " else ""
+            if not hmac.compare_digest(given.encode(), key.encode()):
+                return APIError(401, "Incorrect API key provided: pass it as `Authorization: Bearer KEY`",
+                                code="invalid_api_key")
+        return None
+
+    async def read_body(self, scope, receive):
+        """The whole body, refused with 413 past MAX_BODY_BYTES (by its Content-Length at once)."""
+        length = dict(scope["headers"]).get(b"content-length")
+        too_big = APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            return receive, too_big
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return receive, APIError(400, "the client went away")
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > MAX_BODY_BYTES:
+                return receive, too_big
+            if not message.get("more_body"):
+                break
+        body, sent = b"".join(chunks), False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replay, None
+
+
+_KNOWN = {"/v1/completions", "/v1/models", "/v1/chat/completions", "/tokenize", "/detokenize"}
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="gpt2np", description="GPT-2 in NumPy: OpenAI's completions API", docs_url=None,
+                  redoc_url=None)
+    completions = Completions(state.model, state.model_name, state.worker)
+    state.metrics.running.set_function(lambda: state.worker.running)
+    state.metrics.waiting.set_function(lambda: state.worker.waiting)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        message, param = P.describe_validation_error(e.errors())
+        return error_response(APIError(400, message, param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        if e.status_code == 404:
+            return error_response(APIError(404, f"no such path: {request.method} {request.url.path}",
+                                           code="not_found"))
+        if e.status_code == 405:
+            return error_response(APIError(405, f"{request.method} is not allowed on {request.url.path}",
+                                           code="method_not_allowed"))
+        return error_response(APIError(e.status_code, str(e.detail)))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception):
+        log.exception("unexpected error")
+        return error_response(APIError(500, f"internal error: {type(e).__name__}", type="server_error"))
+
+    @app.get("/health")
+    async def health():
+        return Response(status_code=200)
+
+    @app.get("/v1/models")
+    async def list_models():
+        return P.models([P.model_card(state.model_name, state.started, state.model.config.n_positions)])
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str):
+        if name != state.model_name:
+            raise APIError(404, f"The model `{name}` does not exist", param="model", code="model_not_found")
+        return P.model_card(state.model_name, state.started, state.model.config.n_positions)
+
+    @app.post("/v1/completions")
+    async def create_completion(req: CompletionRequest, request: Request):
+        if req.stream:
+            prompts, seqs = completions.sequences(req)
+            queue = completions.submit(seqs)
+            state.in_flight += 1
+
+            def closed():
+                state.in_flight -= 1
+
+            return StreamingResponse(completions.stream(req, queue, prompts, seqs, closed),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        state.in_flight += 1
+        try:
+            body = await completions.complete(req, request.is_disconnected)
+        finally:
+            state.in_flight -= 1
+        return JSONResponse(body)
+
+    @app.post("/v1/chat/completions")
+    async def chat():
+        raise APIError(400, "GPT-2 has no chat format, so this server has no chat endpoint: "
+                            "use /v1/completions with a prompt", code="unsupported_endpoint")
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        if req.model is not None and req.model != state.model_name:
+            raise APIError(404, f"The model `{req.model}` does not exist", param="model", code="model_not_found")
+        tokens = state.model.encode(req.prompt, allowed_special=True)
+        return {"count": len(tokens), "max_model_len": state.model.config.n_positions, "tokens": tokens}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        if req.model is not None and req.model != state.model_name:
+            raise APIError(404, f"The model `{req.model}` does not exist", param="model", code="model_not_found")
+        bad = next((t for t in req.tokens if not 0 <= t < state.model.config.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is outside the vocabulary", param="tokens")
+        return {"prompt": state.model.decode(req.tokens)}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return Guard(app, state)

@@ -1,0 +1,115 @@
+"""`gpt-serve`: serve a model folder over OpenAI's completions API."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from ..cli import run_command
+from ..errors import GPT2Error
+
+DEFAULT_PREFILL_CHUNK = 32
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("model_dir", type=click.Path(file_okay=False, path_type=str))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0 for every interface).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
+              help="Port to listen on (0: any free port, printed on stderr).")
+@click.option("--model-name", default=None, help="The model's name in the API [default: MODEL_DIR's folder name].")
+@click.option("--api-key", envvar="GPT2NP_API_KEY", default=None,
+              help="Require `Authorization: Bearer KEY` on every /v1/ request [env: GPT2NP_API_KEY].")
+@click.option("--max-batch", default=16, show_default=True, type=click.IntRange(min=1),
+              help="The most sequences decoded together in one forward pass.")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(min=0),
+              help="The most sequences waiting for a place in the batch; beyond it requests get 429.")
+@click.option("--prefill-chunk", default=DEFAULT_PREFILL_CHUNK, show_default=True, type=click.IntRange(min=1),
+              help="The most prompt tokens read per step, so that running streams keep moving.")
+@click.option("--grace-period", default=30.0, show_default=True, type=click.FloatRange(min=0),
+              help="On SIGTERM or Ctrl-C: seconds to let running requests finish before cancelling them.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]), help="How much to log on stderr.")
+def serve(model_dir, host, port, model_name, api_key, max_batch, max_queue, prefill_chunk, grace_period, log_level):
+    """Serve the GPT-2 model in MODEL_DIR over HTTP with OpenAI's completions API.
+
+    \b
+    Endpoints: POST /v1/completions (streaming too), GET /v1/models, GET /health,
+    POST /tokenize and /detokenize, GET /metrics (Prometheus).
+
+    Requests are decoded together with continuous batching: new ones join between steps,
+    finished ones leave at once. On SIGTERM or Ctrl-C the server answers new requests with
+    503, lets running ones finish (up to --grace-period seconds), and exits 0.
+    """
+    import uvicorn
+
+    from .. import load
+    from .app import ServerState, create_app
+    from .metrics import Metrics
+    from .worker import EngineWorker
+
+    model = load(model_dir)
+    name = model_name or Path(model_dir).resolve().name
+    metrics = Metrics()
+    worker = EngineWorker(model.engine(max_batch=max_batch, prefill_chunk=prefill_chunk), max_queue, metrics)
+    state = ServerState(model=model, model_name=name, worker=worker, metrics=metrics, api_key=api_key or None)
+    worker.start()
+    config = uvicorn.Config(create_app(state), host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=5, lifespan="off")
+    server = DrainingServer(config, state, grace_period)
+    try:
+        server.run()
+    finally:
+        worker.stop()
+    if not server.started:
+        raise GPT2Error(f"could not listen on {host}:{port} (see the message above)")
+
+
+class DrainingServer:
+    """uvicorn's server, with a shutdown that drains: the first SIGTERM or SIGINT makes every new
+    request a 503 while running ones finish; when none is left (or after the grace period, which
+    cancels them) the server stops and the process exits 0. A second signal stops at once."""
+
+    def __new__(cls, config, state, grace_period):
+        import uvicorn
+
+        class _Server(uvicorn.Server):
+            def handle_exit(self, sig, frame):
+                if state.draining:
+                    self.should_exit = self.force_exit = True
+                    return
+                logging.getLogger("gpt2np.serve").info(
+                    "draining: new requests get 503; waiting for %d running (at most %.0f s)",
+                    state.worker.active, grace_period)
+                state.draining = True
+                self.drain_deadline = time.monotonic() + grace_period
+
+            async def on_tick(self, counter):
+                if state.draining and not self.should_exit:
+                    idle = state.worker.active == 0 and state.in_flight == 0
+                    if idle or time.monotonic() > self.drain_deadline:
+                        if not idle:
+                            state.worker.cancel_all()
+                        self.should_exit = True
+                return await super().on_tick(counter)
+
+            def _log_started_message(self, listeners):
+                super()._log_started_message(listeners)
+                for sock in listeners:
+                    host, port = sock.getsockname()[:2]
+                    print(f"gpt-serve: serving {state.model_name} on http://{host}:{port}", file=sys.stderr, flush=True)
+
+        return _Server(config)
+
+
+def main() -> None:
+    # Signals during the model's load are an interrupted start (exit 130); the server installs its own.
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    run_command(serve, "gpt-serve", interrupted="interrupted")

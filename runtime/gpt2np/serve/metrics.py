@@ -1,0 +1,31 @@
+"""Prometheus metrics of `gpt-serve` (GET /metrics), in a registry of their own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+disable_created_metrics()  # the *_created series only double the output
+
+# Latency buckets in seconds: tokens take milliseconds to tenths of a second on a CPU, a first
+# token behind a long prompt or a queue can take seconds.
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
+_TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.running = Gauge("gpt2np_requests_running", "Sequences in the decode batch.", registry=r)
+        self.waiting = Gauge("gpt2np_requests_waiting", "Sequences queued for a place in the batch.", registry=r)
+        self.requests = Counter("gpt2np_requests", "HTTP requests to the API, by path and status code.",
+                                ["path", "status"], registry=r)
+        self.finished = Counter("gpt2np_sequences_finished", "Sequences (choices) ended, by the engine's reason.",
+                                ["reason"], registry=r)
+        self.prompt_tokens = Counter("gpt2np_prompt_tokens", "Prompt tokens submitted.", registry=r)
+        self.generation_tokens = Counter("gpt2np_generation_tokens", "Tokens generated.", registry=r)
+        self.time_to_first_token = Histogram(
+            "gpt2np_time_to_first_token_seconds", "From a request's arrival to its first token.",
+            buckets=_TTFT_BUCKETS, registry=r)
+        self.time_per_output_token = Histogram(
+            "gpt2np_time_per_output_token_seconds", "Between consecutive tokens of a sequence.",
+            buckets=_TPOT_BUCKETS, registry=r)

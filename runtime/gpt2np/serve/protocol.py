@@ -1,0 +1,178 @@
+"""The wire protocol of `gpt-serve`: OpenAI's legacy completions API as vLLM serves it.
+
+Request schemas are strict (wrong types and unknown fields are errors, not guesses); responses are
+plain dicts built by the functions at the end. Every error leaves the server as `ErrorResponse`:
+`{"error": {"message", "type", "param", "code"}}`, with the HTTP status of `APIError.status`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+MAX_STOP = 4
+MAX_N = 128
+MAX_LOGPROBS = 5
+
+
+class APIError(Exception):
+    """An error to send as OpenAI sends them."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+Number = Union[StrictInt, StrictFloat]  # JSON has one number type: 1 is a valid temperature
+TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
+
+
+class StreamOptions(_Strict):
+    include_usage: StrictBool = False
+
+
+class CompletionRequest(_Strict):
+    """POST /v1/completions. `top_k` and `ignore_eos` are vLLM's extensions."""
+
+    model: StrictStr
+    prompt: Union[StrictStr, Annotated[list[StrictStr], Field(min_length=1)], TokenIds,
+                  Annotated[list[TokenIds], Field(min_length=1)]]
+    max_tokens: Optional[Annotated[StrictInt, Field(ge=0)]] = 16
+    temperature: Optional[Annotated[Number, Field(ge=0, le=2)]] = None
+    top_p: Optional[Annotated[Number, Field(gt=0, le=1)]] = None
+    top_k: Optional[Annotated[StrictInt, Field(ge=-1)]] = None
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
+    best_of: Optional[StrictInt] = None
+    stream: StrictBool = False
+    stream_options: Optional[StreamOptions] = None
+    logprobs: Optional[Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)]] = None
+    echo: StrictBool = False
+    stop: Optional[Union[StrictStr, Annotated[list[StrictStr], Field(max_length=MAX_STOP)]]] = None
+    seed: Optional[Annotated[StrictInt, Field(ge=0, lt=2**63)]] = None
+    presence_penalty: Optional[Annotated[Number, Field(ge=-2, le=2)]] = 0.0
+    frequency_penalty: Optional[Annotated[Number, Field(ge=-2, le=2)]] = 0.0
+    logit_bias: Optional[dict[StrictStr, Annotated[Number, Field(ge=-100, le=100)]]] = None
+    user: Optional[StrictStr] = None
+    suffix: Optional[StrictStr] = None
+    ignore_eos: StrictBool = False
+
+
+class TokenizeRequest(_Strict):
+    """POST /tokenize (vLLM's). `add_special_tokens` is accepted for vLLM's clients: GPT-2 adds none."""
+
+    prompt: StrictStr
+    model: Optional[StrictStr] = None
+    add_special_tokens: StrictBool = True
+
+
+class DetokenizeRequest(_Strict):
+    """POST /detokenize (vLLM's)."""
+
+    tokens: list[StrictInt]
+    model: Optional[StrictStr] = None
+
+
+# ---------------------------------------------------------------------------------- responses
+FinishReason = Literal["stop", "length"]
+
+FINISH_REASONS: dict[str, FinishReason] = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}
+"""The engine's stop reasons as OpenAI names them."""
+
+
+def completion_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex}"
+
+
+def completion(id: str, created: int, model: str, choices: list[dict], usage: dict | None) -> dict:
+    body = {"id": id, "object": "text_completion", "created": created, "model": model, "choices": choices}
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
+def choice(index: int, text: str, logprobs: dict | None, finish_reason: FinishReason | None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def logprobs(tokens: list[str], token_logprobs: list[float | None], top_logprobs: list[dict[str, float] | None],
+             text_offset: list[int]) -> dict:
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+            "text_offset": text_offset}
+
+
+def model_card(name: str, created: int, max_model_len: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "gpt2np", "root": name,
+            "max_model_len": max_model_len}
+
+
+def models(cards: list[dict]) -> dict:
+    return {"object": "list", "data": cards}
+
+
+def now() -> int:
+    return int(time.time())
+
+
+EXPECTED = {
+    "prompt": "a string, a list of strings, a list of token ids, or a list of lists of token ids (none empty)",
+    "stop": f"a string or a list of at most {MAX_STOP} strings",
+    "temperature": "a number from 0 to 2", "top_p": "a number above 0, at most 1",
+    "presence_penalty": "a number from -2 to 2", "frequency_penalty": "a number from -2 to 2",
+    "logit_bias": "an object mapping token ids to numbers from -100 to 100",
+}
+
+
+def describe_validation_error(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """(message, param) for pydantic's errors about a request body: the first field's, readably.
+
+    A union (prompt, stop, numbers) reports one error per alternative; when each alternative
+    only failed on its type, the message says what the field may be."""
+    if not errors:
+        return "the request is not valid", None
+
+    def param_of(e) -> str | None:
+        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        top = loc[:1]  # the field; deeper parts name union alternatives or list positions
+        return top[0] if top else None
+
+    first = errors[0]
+    param = param_of(first)
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        return f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
+    if kind == "extra_forbidden":
+        return f"unknown field {param!r}: this server does not support it", param
+    if kind == "missing":
+        return f"{param} is required", param
+    if param is None:
+        return "the body must be a JSON object", None
+    same = [e for e in errors if param_of(e) == param]
+    specific = [e for e in same if not e.get("type", "").endswith("_type")]
+    if len(same) > 1 and not specific or param in EXPECTED and not specific:
+        return f"{param} must be {EXPECTED.get(param, 'of another type')}", param
+    e = (specific or same)[0]
+    where = ".".join(str(p) for p in e.get("loc", ())[1:] if p != "body" and not str(p)[:1].isalpha()
+                     or str(p) == param)
+    return f"{where or param}: {e.get('msg', 'invalid value')}", param

@@ -1,0 +1,134 @@
+"""The engine's thread: the one decode loop of `gpt2np.engine`, fed by HTTP handlers.
+
+HTTP handlers run on the asyncio event loop; the engine runs on its own thread (NumPy releases
+the GIL in BLAS, so the loop stays responsive while a step computes). Handlers hand sequences to
+`submit`, which checks the capacity (running + waiting <= max_batch + max_queue) and wakes the
+thread; the thread adds them to the engine between steps and, after every step, delivers each
+request's events to its asyncio queue in one call. A handler cancels by `Sequence.cancel()`: the
+sequence leaves at the engine's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Callable
+
+from ..engine import Engine, Event
+from ..generate import Sequence
+from .metrics import Metrics
+
+log = logging.getLogger("gpt2np.serve")
+
+Update = tuple[Sequence, "int | None", str, "str | None"]
+"""An engine event as the handlers get it: (sequence, token or None, text, stop reason if this
+was the sequence's last event else None). The reason is read when the step ends, since the
+sequence object goes on changing while the handler reads older events."""
+
+Listener = Callable[[list[Update]], None]
+
+
+class QueueFull(Exception):
+    """More sequences than running slots and queue places together."""
+
+
+class EngineWorker:
+    def __init__(self, engine: Engine, max_queue: int, metrics: Metrics):
+        self.engine, self.max_queue, self.metrics = engine, max_queue, metrics
+        self.capacity = engine.max_batch + max_queue
+        self._lock = threading.Condition()
+        self._inbox: list[tuple[Sequence, Listener]] = []
+        self._listeners: dict[int, Listener] = {}  # id(sequence) -> its request's listener
+        self._last_token_at: dict[int, float] = {}
+        self.active = 0  # sequences submitted and not yet done
+        self.running = 0  # sequences in the batch after the last step
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="gpt2np-engine", daemon=True)
+
+    @property
+    def waiting(self) -> int:
+        return max(self.active - self.running, 0)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify()
+        self._thread.join(timeout=30)
+
+    def submit(self, seqs: list[Sequence], loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
+        """Hand over one request's sequences; their events arrive in `queue`, a list per step.
+        Raises QueueFull if they do not fit: nothing is queued then."""
+        def listener(events: list[Update]) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, events)
+
+        with self._lock:
+            if self.active + len(seqs) > self.capacity:
+                raise QueueFull()
+            self.active += len(seqs)
+            self._inbox += [(s, listener) for s in seqs]
+            self._lock.notify()
+        for s in seqs:
+            self.metrics.prompt_tokens.inc(len(s.result.prompt_ids))
+
+    def cancel_all(self) -> None:
+        with self._lock:
+            for s, _ in self._inbox:
+                s.cancel()
+        for s in [*self.engine.running, *self.engine.waiting]:
+            s.cancel()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._inbox and self.engine.idle and not self._stop:
+                    self._lock.wait()
+                if self._stop:
+                    return
+                new, self._inbox = self._inbox, []
+            for seq, listener in new:
+                self._listeners[id(seq)] = listener
+                self.engine.submit(seq)
+            try:
+                events = self.engine.step()
+            except Exception:  # noqa: BLE001 -- the engine must outlive any one request
+                log.exception("engine step failed")
+                events = []
+                for s in [*self.engine.running, *self.engine.waiting]:
+                    s.fail("internal error in the engine")
+                    events.append((s, None, ""))
+                self.engine.running, self.engine.waiting = [], type(self.engine.waiting)()
+            self.running = len(self.engine.running)
+            self._deliver(events)
+
+    def _deliver(self, events: list[Event]) -> None:
+        now, by_listener, done = time.perf_counter(), {}, 0
+        for seq, token, text in events:
+            key = id(seq)
+            if token is not None:
+                self.metrics.generation_tokens.inc()
+                last = self._last_token_at.get(key)
+                if last is None:
+                    self.metrics.time_to_first_token.observe(now - seq.submitted_at)
+                else:
+                    self.metrics.time_per_output_token.observe(now - last)
+                self._last_token_at[key] = now
+            if seq.done:
+                done += 1
+                self._last_token_at.pop(key, None)
+                self.metrics.finished.labels(seq.result.stop_reason).inc()
+                listener = self._listeners.pop(key, None)
+            else:
+                listener = self._listeners.get(key)
+            if listener is not None:
+                by_listener.setdefault(listener, []).append(
+                    (seq, token, text, seq.result.stop_reason if seq.done else None))
+        if done:
+            with self._lock:
+                self.active -= done
+        for listener, batch in by_listener.items():
+            listener(batch)
