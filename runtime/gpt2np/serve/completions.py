@@ -119,16 +119,19 @@ class Completions:
         """The whole response at once; cancels the sequences if the client goes away."""
         prompts, seqs = self.sequences(req)
         queue = self.submit(seqs)
-        left = len(seqs)
+        left, loop = len(seqs), asyncio.get_running_loop()
+        check_at = loop.time() + DISCONNECT_POLL_S
         try:
             while left:
                 try:
                     events = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
+                    left -= sum(1 for *_, reason in events if reason is not None)
                 except asyncio.TimeoutError:
+                    pass
+                if loop.time() >= check_at:  # events may come every step: check by the clock
                     if await is_disconnected():
                         return {}
-                    continue
-                left -= sum(1 for *_, reason in events if reason is not None)
+                    check_at = loop.time() + DISCONNECT_POLL_S
         finally:
             for s in seqs:
                 s.cancel()  # no-op for finished ones; frees the rest if we leave early
