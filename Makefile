@@ -8,7 +8,7 @@ PROMPT ?= Alan Turing theorized that computers would one day
 N      ?= 50
 MODELS ?= models
 
-.PHONY: install run test fuzz bench deploy-check clean
+.PHONY: install run serve test fuzz bench bench-serve deploy-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ run: install
 	@test -f $(MODELS)/$(MODEL)/model.safetensors || $(BIN)/gpt-convert $(MODEL) $(MODELS)/$(MODEL)
 	$(BIN)/gpt-run $(MODELS)/$(MODEL) "$(PROMPT)" -n $(N)
 
+## serve: download and convert MODEL once, then serve it with gpt-serve on 127.0.0.1:8000
+serve: install
+	@test -f $(MODELS)/$(MODEL)/model.safetensors || $(BIN)/gpt-convert $(MODEL) $(MODELS)/$(MODEL)
+	$(BIN)/gpt-serve $(MODELS)/$(MODEL) $(SERVE_ARGS)
+
 ## test: the whole test suite (it includes the TensorFlow-free deployment check)
 test: install
 	$(BIN)/python -m pytest -q
@@ -36,6 +41,11 @@ fuzz: install
 bench: install
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+
+## bench-serve: gpt-serve under load on loopback; writes bench/results/{SERVE.md,serve.json}
+bench-serve: install
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/serve_bench.py $(BENCH_ARGS)
 
 ## deploy-check: the runtime wheel alone, in a fresh venv, runs a converted model
 deploy-check: install

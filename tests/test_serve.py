@@ -4,6 +4,8 @@ client (and raw HTTP where a request must be malformed)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -56,6 +58,14 @@ def streamed(client, **kw):
             if c.finish_reason:
                 finish[c.index] = c.finish_reason
     return texts, finish, chunks
+
+
+def test_import_gpt2np_never_imports_the_servers_libraries():
+    code = ("import sys, gpt2np, gpt2np.serve; m = gpt2np.load; "
+            "print(sorted(x for x in ('fastapi', 'uvicorn', 'starlette', 'prometheus_client', 'pydantic') "
+            "if x in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 # ------------------------------------------------------------------------------------ endpoints

@@ -47,10 +47,14 @@ def serve(model_dir, host, port, model_name, api_key, max_batch, max_queue, pref
     finished ones leave at once. On SIGTERM or Ctrl-C the server answers new requests with
     503, lets running ones finish (up to --grace-period seconds), and exits 0.
     """
-    import uvicorn
+    try:
+        import uvicorn
 
+        from .app import ServerState, create_app
+    except ImportError as e:
+        raise GPT2Error(f"gpt-serve needs the extra 'serve' ({e.name} is not installed): "
+                        "pip install 'gpt2np[serve]'") from None
     from .. import load
-    from .app import ServerState, create_app
     from .metrics import Metrics
     from .worker import EngineWorker
 
