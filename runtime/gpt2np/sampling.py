@@ -2,8 +2,9 @@
 
 Sampling follows the usual order: divide the logits by the temperature, keep the top-k tokens,
 then keep the smallest set of the most likely tokens whose probability reaches top-p, and draw
-from what is left, renormalised. All of it runs in float64 with NumPy's PCG64 generator, whose
-stream is the same on every platform: the same seed and the same logits give the same token.
+from what is left, renormalised (an exponential race: see `choose`). All of it runs in float64 with
+NumPy's PCG64 generator, whose stream is the same on every platform: the same seed and the same
+logits give the same token.
 """
 
 from __future__ import annotations
@@ -111,14 +112,21 @@ def _top(z: np.ndarray, m: int) -> np.ndarray:
 
 
 def choose(logits: np.ndarray, s: Sampling, rng: np.random.Generator | None) -> int:
-    """The next token: argmax (lowest id on ties) if greedy, else a draw from `candidates`."""
+    """The next token: argmax (lowest id on ties) if greedy, else a draw from `candidates`.
+
+    The draw is an exponential race: every token id j gets its own E_j ~ Exp(1) from the seeded
+    stream, and the winner is the candidate with the largest z_j/T - log E_j, which is token j with
+    probability p_j exactly. Unlike inverting a cumulative sum over the tokens sorted by
+    probability, the result does not hinge on the order of nearly equal logits: the last-bit
+    differences between a sequence decoded alone and in a batch (different BLAS paths) leave a
+    seeded draw unchanged unless two tokens' race scores fall within those bits of each other.
+    """
     if s.greedy:
         return int(np.argmax(logits))
-    if s.top_k is None and (s.top_p is None or s.top_p == 1):
-        # Nothing is filtered: draw over the whole vocabulary in id order, no sort needed.
-        z = logits.astype(np.float64) / (s.temperature if s.temperature else 1.0)
-        cdf = np.cumsum(np.exp(z - z.max()))
-        return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(cdf) - 1))
+    race = rng.standard_exponential(len(logits))
+    np.log(race, out=race)
+    if s.top_k is None and (s.top_p is None or s.top_p == 1):  # nothing is filtered: no sort needed
+        score = logits / (s.temperature if s.temperature else 1.0) - race
+        return int(np.argmax(score))
     ids, p = candidates(logits, s)
-    u = rng.random()
-    return int(ids[min(int(np.searchsorted(np.cumsum(p), u, side="right")), len(ids) - 1)])
+    return int(ids[np.argmax(np.log(p) - race[ids])])

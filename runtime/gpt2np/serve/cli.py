@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -63,16 +64,31 @@ def serve(model_dir, host, port, model_name, api_key, max_batch, max_queue, pref
     metrics = Metrics()
     worker = EngineWorker(model.engine(max_batch=max_batch, prefill_chunk=prefill_chunk), max_queue, metrics)
     state = ServerState(model=model, model_name=name, worker=worker, metrics=metrics, api_key=api_key or None)
+    sock = _listen(host, port)
     worker.start()
     config = uvicorn.Config(create_app(state), host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=5, lifespan="off")
     server = DrainingServer(config, state, grace_period)
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         worker.stop()
-    if not server.started:
-        raise GPT2Error(f"could not listen on {host}:{port} (see the message above)")
+        sock.close()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket, opened before the server starts so that a taken port or a bad
+    address is one clear error."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except (OSError, OverflowError) as e:
+        raise GPT2Error(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 class DrainingServer:
@@ -103,11 +119,13 @@ class DrainingServer:
                         self.should_exit = True
                 return await super().on_tick(counter)
 
-            def _log_started_message(self, listeners):
-                super()._log_started_message(listeners)
-                for sock in listeners:
+            async def startup(self, sockets=None):
+                await super().startup(sockets)
+                for sock in sockets or []:
                     host, port = sock.getsockname()[:2]
-                    print(f"gpt-serve: serving {state.model_name} on http://{host}:{port}", file=sys.stderr, flush=True)
+                    host = f"[{host}]" if ":" in host else host
+                    print(f"gpt-serve: serving {state.model_name} on http://{host}:{port} "
+                          "(Ctrl-C or SIGTERM to stop)", file=sys.stderr, flush=True)
 
         return _Server(config)
 
