@@ -35,8 +35,6 @@ def test_any_batching_and_chunking_gives_the_single_results(model, max_batch, ch
     while not engine.idle:
         engine.step()
         widest = max(widest, len(engine.running))
-        if chunk is not None:  # never more prompt tokens in one step than the chunk allows
-            assert all(len(s.pending) <= len(s.result.prompt_ids) for s in engine.running)
     assert max_batch is None or widest <= max_batch
     singles = [model.complete(p, 12, stop_at_eos=False) for p in PROMPTS]
     assert [s.result.ids for s in seqs] == [g.ids for g in singles]
@@ -61,6 +59,26 @@ def test_prefill_chunk_bounds_the_positions_per_step(model, monkeypatch):
     assert seen[1:11] == [[1, 4]] * 10
     assert len(running.result.ids) == 20 and len(long.result.ids) == 3
     assert long.result.ids == model.complete(list(range(100, 140)), 3, stop_at_eos=False).ids
+
+
+def test_prefill_chunk_is_shared_by_every_prompt_being_read(model, monkeypatch):
+    seen = []
+    real = gpt2np.engine.transformer
+
+    def spy(params, config, batch, all_positions=False):
+        seen.append([len(ids) for ids, _ in batch])
+        return real(params, config, batch, all_positions)
+
+    monkeypatch.setattr(gpt2np.engine, "transformer", spy)
+    engine = model.engine(prefill_chunk=5)
+    opts = Options(n_tokens=2, stop_at_eos=False)
+    seqs = [engine.add(list(range(100, 100 + n)), opts) for n in (11, 7, 1)]
+    engine.run()
+    # Prompt positions never exceed 5 per step, a 1-token remainder included; prompts are read
+    # in order of arrival, and a sequence that has started decoding adds its one position.
+    assert seen == [[5], [5], [1, 4], [1, 3, 1], [1, 1]]
+    for s, n in zip(seqs, (11, 7, 1)):
+        assert s.result.ids == model.complete(list(range(100, 100 + n)), 2, stop_at_eos=False).ids
 
 
 def test_new_sequences_join_between_steps_and_finished_ones_leave(model):
@@ -99,6 +117,28 @@ def test_a_failure_inside_a_step_fails_only_its_sequence(model, monkeypatch):
     engine.run()
     assert bad.result.stop_reason == "error" and "injected" in bad.result.error
     assert good.result.ids == model.complete("good", 4, stop_at_eos=False).ids
+
+
+def test_failures_in_admission_or_the_lm_head_fail_only_their_sequences(model, monkeypatch):
+    engine = model.engine()
+    good = engine.add(model.encode("good"), Options(n_tokens=4, stop_at_eos=False))
+    bad = engine.add(model.encode("bad"), Options(n_tokens=4, stop_at_eos=False))
+
+    def no_memory():
+        raise MemoryError("injected")
+
+    monkeypatch.setattr(bad, "admit", no_memory)
+    events = engine.step()
+    assert (bad, None, "") in events and "allocating its cache failed: MemoryError" in bad.result.error
+    engine.run()
+    assert good.result.ids == model.complete("good", 4, stop_at_eos=False).ids
+    # A failing LM head fails the sequences of that pass, and the engine goes on.
+    engine = model.engine()
+    seqs = [engine.add(model.encode(p), Options(n_tokens=3, stop_at_eos=False)) for p in ("a", "b")]
+    monkeypatch.setattr(gpt2np.engine, "lm_head", lambda params, h: 1 / 0)
+    events = engine.step()
+    assert [e[0] for e in events] == seqs and all("ZeroDivisionError" in s.result.error for s in seqs)
+    assert engine.idle
 
 
 def test_cancel_leaves_at_the_next_step(model):

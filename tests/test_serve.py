@@ -284,6 +284,20 @@ def test_16_concurrent_clients_each_get_what_they_would_alone(server, client):
     (b'{"model": "small", "prompt": "x", "suffix": "y"}', 400, "suffix", None),
     (b'{"model": "small", "prompt": "x", "best_of": 3}', 400, "best_of", None),
     (b'{"model": "gpt-4", "prompt": "x"}', 404, "does not exist", "model_not_found"),
+    (b"", 400, "JSON", None),
+    (b'{"model": "small", "prompt": "x", "temperature": NaN}', 400, "finite", None),
+    (b'{"model": "small", "prompt": "x", "max_tokens": Infinity}', 400, "max_tokens", None),
+    (b'{"model": "small", "prompt": "x", "max_tokens": true}', 400, "max_tokens", None),
+    (b'{"model": "small", "prompt": "x", "temperature": true}', 400, "temperature", None),
+    (b'{"model": "small", "prompt": "x", "seed": 18446744073709551616}', 400, "seed", None),
+    (b'{"model": "small", "prompt": [[]]}', 400, "prompt", None),
+    (b'{"model": "small", "prompt": [-1]}', 400, "outside the vocabulary", None),
+    (b'{"model": "small", "prompt": [1208925819614629174706176]}', 400, "outside the vocabulary", None),
+    (b'{"model": "small", "prompt": [' + b"1, " * 70 + b'1], "max_tokens": null}', 400, "maximum context length",
+     "context_length_exceeded"),
+    (b'{"model": "small", "n": 128, "prompt": [' + b'"a", ' * 5000 + b'"a"]}', 400, "takes at most", None),
+    (b'{"model": "small", "prompt": "x", "stop": "' + b"s" * 2000 + b'"}', 400, "stop", None),
+    (b'{"model": "small", "prompt": "x", "logit_bias": {"1_0": 1}}', 400, "token ids", None),
     (b'{"model": "small", "prompt": "' + b"x" * (5 * 1024 * 1024) + b'"}', 413, "larger than", None),
 ])
 def test_bad_requests_get_openais_error_shape(server, body, status, fragment, code):
@@ -316,6 +330,43 @@ def test_no_input_makes_a_500_or_stops_the_server(server):
                        timeout=30)
         assert r.status_code < 500, (body, r.text)
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_engine_failure_ends_every_request_it_holds(model):
+    import asyncio
+
+    from gpt2np.serve.metrics import Metrics
+    from gpt2np.serve.worker import EngineWorker
+
+    engine = model.engine(max_batch=2)
+    worker = EngineWorker(engine, max_queue=4, metrics=Metrics())
+    real, calls = engine.step, []
+
+    def broken():  # a bug in the engine itself on its second step
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected")
+        return real()
+
+    engine.step = broken
+    worker.start()
+
+    async def run():
+        queue = asyncio.Queue()
+        seqs = [engine.sequence(model.encode(p), gpt2np.Options(n_tokens=50, stop_at_eos=False)) for p in "abc"]
+        worker.submit(seqs, asyncio.get_running_loop(), queue)
+        ended = {}
+        while len(ended) < 3:
+            for seq, _, _, reason in await asyncio.wait_for(queue.get(), 10):
+                if reason:
+                    ended[id(seq)] = reason
+        return ended
+
+    try:
+        ended = asyncio.run(run())
+    finally:
+        worker.stop()
+    assert list(ended.values()) == ["error"] * 3 and worker.active == 0  # 2 running and 1 waiting
 
 
 def test_metrics(server, client):
@@ -429,3 +480,34 @@ def test_sigterm_drains_running_requests_then_exits_0(model_124M_dir):
     finally:
         s.stop()
     assert "Traceback" not in s.output()
+
+
+def test_grace_period_ends_with_a_clear_503_then_exit_0(model_124M_dir):
+    s = ServerProcess(model_124M_dir, "--grace-period", "1")
+    try:
+        result = {}
+
+        def run():
+            result["r"] = httpx.post(s.url + "/v1/completions", timeout=60,
+                                     json={"model": "model", "prompt": "x", "max_tokens": 1000, "ignore_eos": True})
+
+        def stream():
+            with httpx.stream("POST", s.url + "/v1/completions", timeout=60,
+                              json={"model": "model", "prompt": "y", "max_tokens": 1000, "ignore_eos": True,
+                                    "stream": True}) as r:
+                result["events"] = [line for line in r.iter_lines() if line]
+
+        threads = [threading.Thread(target=run), threading.Thread(target=stream)]
+        for t in threads:
+            t.start()
+        s.wait_for(lambda: s.metric("gpt2np_requests_running") == 2, what="both requests to run")
+        s.terminate()
+        for t in threads:
+            t.join(timeout=60)
+        r = result["r"]
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+        events = result["events"]
+        assert events[-1] == "data: [DONE]" and '"shutting_down"' in events[-2]
+        assert s.proc.wait(timeout=30) == 0
+    finally:
+        s.stop()

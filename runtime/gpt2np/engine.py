@@ -18,7 +18,7 @@ and error, so one that fails does not affect the others.
 from __future__ import annotations
 
 import collections
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -80,7 +80,10 @@ class Engine:
         return not (self.waiting or self.running or self._ended)
 
     def step(self) -> list[Event]:
-        """Admit, run one forward pass, choose tokens; return this step's events in order."""
+        """Admit, run one forward pass, choose tokens; return this step's events in order.
+
+        Never raises for a failure in the model or in one sequence: what failed ends with an
+        error event (a failed pass fails the sequences in it, a failed choice only its own)."""
         events: list[Event] = [(s, None, "") for s in self._ended]
         self._ended = []
         for s in [*self.running, *self.waiting]:
@@ -91,53 +94,47 @@ class Engine:
         self.waiting = collections.deque(s for s in self.waiting if not s.done)
         while self.waiting and (self.max_batch is None or len(self.running) < self.max_batch):
             s = self.waiting.popleft()
-            s.admit()
-            self.running.append(s)
-        if not self.running:
-            return events
-        self.steps += 1
+            if _guarded(s, events, "allocating its cache", s.admit)[0]:
+                self.running.append(s)
+        if self.running:
+            self.steps += 1
+            self._pass(events)
+            self.running = [s for s in self.running if not s.done]
+        return events
+
+    def _pass(self, events: list[Event]) -> None:
         batch = self._positions()
         try:
             hidden = transformer(self.params, self.config, [(s.pending[:n], s.cache) for s, n in batch],
                                  all_positions=[s.scoring for s, _ in batch])
+            ready = []
+            for (s, n), h in zip(batch, hidden):
+                first = s.cache.length - n
+                s.pending = s.pending[n:]
+                if s.scoring and not _guarded(s, events, "scoring the prompt", self._score, s, h, first)[0]:
+                    continue
+                if len(s.pending) == 0:
+                    ready.append((s, h[-1:]))
+            logits = lm_head(self.params, np.concatenate([h for _, h in ready])) if ready else ()
         except Exception as e:  # noqa: BLE001 -- a failed pass fails its sequences, never the loop
             for s, _ in batch:
-                s.fail(f"the forward pass failed: {type(e).__name__}: {e}")
-                events.append((s, None, ""))
-            self.running = [s for s in self.running if not s.done]
-            return events
-        ready = []
-        for (s, n), h in zip(batch, hidden):
-            first = s.cache.length - n
-            s.pending = s.pending[n:]
-            try:
-                if s.scoring:
-                    self._score(s, h, first)
-            except Exception as e:  # noqa: BLE001
-                s.fail(f"scoring the prompt failed: {type(e).__name__}: {e}")
-                events.append((s, None, ""))
-                continue
-            if len(s.pending) == 0:
-                ready.append((s, h[-1:]))
-        if ready:
-            logits = lm_head(self.params, np.concatenate([h for _, h in ready]))  # one product for all
-            for (s, _), row in zip(ready, logits):
-                try:
-                    token, text = s.accept(row)
-                except Exception as e:  # noqa: BLE001
-                    s.fail(f"choosing a token failed: {type(e).__name__}: {e}")
-                    token, text = None, ""
-                events.append((s, token, text))
-        self.running = [s for s in self.running if not s.done]
-        return events
+                if not s.done:
+                    s.fail(f"the forward pass failed: {type(e).__name__}: {e}")
+                    events.append((s, None, ""))
+            return
+        for (s, _), row in zip(ready, logits):  # one LM head product served them all
+            ok, chosen = _guarded(s, events, "choosing a token", s.accept, row)
+            if ok:
+                events.append((s, *chosen))
 
     def _positions(self) -> list[tuple[Sequence, int]]:
-        """How many pending positions of each running sequence go into this step's pass."""
+        """How many pending positions of each running sequence go into this step's pass: all of a
+        decoding sequence's one, and of the prompts being read at most `prefill_chunk` in all."""
         budget = self.prefill_chunk if self.prefill_chunk is not None else float("inf")
         batch = []
         for s in self.running:
             n = len(s.pending)
-            if n > 1:  # reading a prompt (or a sliding window's restart)
+            if s.reading:  # a prompt (or a sliding window's restart)
                 n = int(min(n, budget))
                 budget -= n
             if n:
@@ -157,4 +154,14 @@ class Engine:
         """Step until every sequence is done."""
         for _ in self.events():
             pass
+
+
+def _guarded(s: Sequence, events: list[Event], what: str, f, *args) -> tuple[bool, Any]:
+    """(True, f(*args)); or, if it raises, fail `s` alone, add its last event, (False, None)."""
+    try:
+        return True, f(*args)
+    except Exception as e:  # noqa: BLE001 -- one sequence's failure is its own
+        s.fail(f"{what} failed: {type(e).__name__}: {e}")
+        events.append((s, None, ""))
+        return False, None
 

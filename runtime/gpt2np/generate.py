@@ -222,8 +222,11 @@ class StopStrings:
         if hits:
             self.held = ""
             return text[:min(hits)], True
-        keep = max((k for s in self.stops for k in range(1, min(len(s), len(text) + 1))
-                    if text.endswith(s[:k])), default=0)
+        # The longest tail of the text that begins a stop string, longest first; only prefixes
+        # that end in the text's last character are compared.
+        last = text[-1:]
+        keep = max((next((k for k in range(min(len(s), len(text)), 0, -1)
+                          if s[k - 1] == last and text.endswith(s[:k])), 0) for s in self.stops), default=0)
         self.held = text[len(text) - keep:]
         return text[:len(text) - keep], False
 
@@ -275,6 +278,7 @@ class Sequence:
             self.result.prompt_logprobs.append(None)
             self.result.prompt_top_logprobs.append(None)
         self.pending = np.asarray(self.context[-self.window:] if len(prompt_ids) > n else self.context, np.int64)
+        self.reading = True  # pending holds a prompt (or a window to recompute), not one new token
         if options.n_tokens == 0 and not self.scoring:
             self._finish("length", "", flush=False)
 
@@ -314,7 +318,7 @@ class Sequence:
         if not r.ids:
             self.first_token_at = now
             r.prefill_s = now - self.admitted_at
-        self.scoring = False
+        self.scoring = self.reading = False
         if opts.n_tokens == 0:
             return None, self._finish("length", "", flush=False)
         z = self._adjusted(logits) if opts.adjusts_logits else logits
@@ -336,6 +340,7 @@ class Sequence:
             if not opts.sliding_window:
                 return token, self._finish("context", text)
             self.pending = np.asarray(self.context[-self.window:], np.int64)
+            self.reading = True
             self._new_cache(len(self.pending))
         else:
             self.pending = np.array([token])

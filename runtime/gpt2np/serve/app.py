@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import GPT2
@@ -163,8 +164,8 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/completions")
     async def create_completion(req: CompletionRequest, request: Request):
+        prompts, seqs = await run_in_threadpool(completions.sequences, req)
         if req.stream:
-            prompts, seqs = completions.sequences(req)
             queue = completions.submit(seqs)
             state.in_flight += 1
 
@@ -175,7 +176,7 @@ def create_app(state: ServerState) -> FastAPI:
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         state.in_flight += 1
         try:
-            body = await completions.complete(req, request.is_disconnected)
+            body = await completions.complete(req, prompts, seqs, request.is_disconnected)
         finally:
             state.in_flight -= 1
         return JSONResponse(body)
@@ -189,7 +190,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def tokenize(req: TokenizeRequest):
         if req.model is not None and req.model != state.model_name:
             raise APIError(404, f"The model `{req.model}` does not exist", param="model", code="model_not_found")
-        tokens = state.model.encode(req.prompt, allowed_special=True)
+        tokens = await run_in_threadpool(state.model.encode, req.prompt, allowed_special=True)
         return {"count": len(tokens), "max_model_len": state.model.config.n_positions, "tokens": tokens}
 
     @app.post("/detokenize")

@@ -18,6 +18,8 @@ from .protocol import APIError, CompletionRequest
 from .worker import EngineWorker, QueueFull
 
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+CANCELLED = APIError(503, "the server shut down before the request was finished", type="server_error",
+                     code="shutting_down")
 
 
 class Completions:
@@ -45,7 +47,7 @@ class Completions:
 
     def options(self, req: CompletionRequest, prompt_len: int, sample: int) -> Options:
         ctx = self.config.n_positions
-        max_tokens = ctx - prompt_len if req.max_tokens is None else req.max_tokens
+        max_tokens = max(ctx - prompt_len, 0) if req.max_tokens is None else req.max_tokens
         if prompt_len + max_tokens > ctx:
             raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
                                 f"{prompt_len + max_tokens} tokens ({prompt_len} in your prompt; {max_tokens} for "
@@ -53,11 +55,10 @@ class Completions:
                            param="max_tokens" if prompt_len <= ctx else "prompt", code="context_length_exceeded")
         bias = {}
         for key, value in (req.logit_bias or {}).items():
-            try:
-                token = int(key)
-            except ValueError:
-                raise APIError(400, f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
-            if not 0 <= token < self.config.vocab_size:
+            if not (key.isascii() and key.isdigit()):
+                raise APIError(400, f"logit_bias keys must be token ids, got {key!r}", param="logit_bias")
+            token = int(key)
+            if token >= self.config.vocab_size:
                 raise APIError(400, f"logit_bias names token {token}, outside the vocabulary", param="logit_bias")
             bias[token] = float(value)
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -89,7 +90,14 @@ class Completions:
             raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
 
     def sequences(self, req: CompletionRequest) -> tuple[list[list[int]], list[Sequence]]:
+        """The request's sequences, checked (APIError if it cannot run). CPU work: tokenizing up
+        to MAX_BODY_BYTES of text; handlers run it in a worker thread, off the event loop."""
         self.check(req)
+        p = req.prompt
+        count = (1 if isinstance(p, str) or isinstance(p[0], int) else len(p)) * req.n
+        if count > self.worker.capacity:  # before any work: a small body can ask for many
+            raise APIError(400, f"the request asks for {count} completions; this server takes at most "
+                                f"{self.worker.capacity} at once", param="n")
         prompts = self.prompts(req)
         seqs = []
         for i, ids in enumerate(prompts):
@@ -100,9 +108,6 @@ class Completions:
                     raise APIError(400, str(e), param="prompt") from None
                 seq.tag = i * req.n + j
                 seqs.append(seq)
-        if len(seqs) > self.worker.capacity:
-            raise APIError(400, f"the request asks for {len(seqs)} completions; this server takes at most "
-                                f"{self.worker.capacity} at once", param="n")
         return prompts, seqs
 
     def submit(self, seqs: list[Sequence]) -> asyncio.Queue:
@@ -115,9 +120,9 @@ class Completions:
         return queue
 
     # ------------------------------------------------------------------------- events -> response
-    async def complete(self, req: CompletionRequest, is_disconnected) -> dict:
+    async def complete(self, req: CompletionRequest, prompts: list[list[int]], seqs: list[Sequence],
+                       is_disconnected) -> dict:
         """The whole response at once; cancels the sequences if the client goes away."""
-        prompts, seqs = self.sequences(req)
         queue = self.submit(seqs)
         left, loop = len(seqs), asyncio.get_running_loop()
         check_at = loop.time() + DISCONNECT_POLL_S
@@ -157,6 +162,19 @@ class Completions:
         failed = next((s for s in seqs if s.result.error is not None), None)
         if failed is not None:
             raise APIError(500, f"the generation failed: {failed.result.error}", type="server_error")
+        if any(s.result.stop_reason == "cancelled" for s in seqs):
+            raise CANCELLED
+
+    @staticmethod
+    def failure_event(seq: Sequence, reason: str) -> str | None:
+        """The SSE error event for a sequence that ended without a result, if it did."""
+        if reason == "error":
+            body = P.error_body(f"the generation failed: {seq.result.error}", "server_error")
+        elif reason == "cancelled":
+            body = CANCELLED.body()
+        else:
+            return None
+        return f"data: {json.dumps(body)}\n\n"
 
     async def stream(self, req: CompletionRequest, queue: asyncio.Queue, prompts: list[list[int]],
                      seqs: list[Sequence], on_close) -> AsyncIterator[str]:
@@ -180,8 +198,9 @@ class Completions:
                 out = []
                 for seq, token, text, reason in events:
                     left -= reason is not None
-                    if reason == "error":
-                        out.append(f"data: {json.dumps(P.error_body(seq.result.error, 'server_error'))}\n\n")
+                    failure = self.failure_event(seq, reason)
+                    if failure:  # cancelled by the server's shutdown, or failed
+                        out.append(failure)
                         continue
                     b = builders[seq.tag]
                     if seq.tag not in started:  # the prompt is read: echo it first
@@ -212,15 +231,11 @@ class LogprobsBuilder:
 
     def __init__(self, tokenizer, seq: Sequence, req: CompletionRequest):
         self.tokenizer, self.seq, self.req = tokenizer, seq, req
-        self.decoder = tokenizer.stream_decoder()
-        self.offset = 0
         self.generated = 0
-        self.prompt_text = ""
-        if not req.echo:  # offsets still count the prompt's characters, as OpenAI's do
-            for t in seq.result.prompt_ids:
-                self.offset += len(self.decoder.feed(t))
-        else:
-            self.prompt_text = tokenizer.decode(seq.result.prompt_ids)
+        self.prompt_text = tokenizer.decode(seq.result.prompt_ids)
+        # The completion's text is decoded on its own (as the engine does), after the prompt's:
+        # without echo, its offsets still count the prompt's characters, as OpenAI's do.
+        self.decoder, self.offset = tokenizer.stream_decoder(), 0 if req.echo else len(self.prompt_text)
 
     def name(self, token: int) -> str:
         raw = self.tokenizer.decode_bytes([token])
@@ -248,7 +263,9 @@ class LogprobsBuilder:
         r = self.seq.result
         if self.req.logprobs is None:
             return None
-        return self._entries(r.prompt_ids, r.prompt_logprobs, r.prompt_top_logprobs)
+        entries = self._entries(r.prompt_ids, r.prompt_logprobs, r.prompt_top_logprobs)
+        self.decoder, self.offset = self.tokenizer.stream_decoder(), len(self.prompt_text)
+        return entries
 
     def token(self, token: int) -> dict:
         """The entries of the newest generated token."""

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 MAX_STOP = 4
+MAX_STOP_CHARS = 1000
 MAX_N = 128
 MAX_LOGPROBS = 5
 
@@ -42,6 +43,7 @@ class _Strict(BaseModel):
 
 Number = Union[StrictInt, StrictFloat]  # JSON has one number type: 1 is a valid temperature
 TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
+StopString = Annotated[StrictStr, Field(max_length=MAX_STOP_CHARS)]
 
 
 class StreamOptions(_Strict):
@@ -64,7 +66,7 @@ class CompletionRequest(_Strict):
     stream_options: Optional[StreamOptions] = None
     logprobs: Optional[Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)]] = None
     echo: StrictBool = False
-    stop: Optional[Union[StrictStr, Annotated[list[StrictStr], Field(max_length=MAX_STOP)]]] = None
+    stop: Optional[Union[StopString, Annotated[list[StopString], Field(max_length=MAX_STOP)]]] = None
     seed: Optional[Annotated[StrictInt, Field(ge=0, lt=2**63)]] = None
     presence_penalty: Optional[Annotated[Number, Field(ge=-2, le=2)]] = 0.0
     frequency_penalty: Optional[Annotated[Number, Field(ge=-2, le=2)]] = 0.0
@@ -137,7 +139,7 @@ def now() -> int:
 
 EXPECTED = {
     "prompt": "a string, a list of strings, a list of token ids, or a list of lists of token ids (none empty)",
-    "stop": f"a string or a list of at most {MAX_STOP} strings",
+    "stop": f"a string or a list of at most {MAX_STOP} strings, each at most {MAX_STOP_CHARS} characters",
     "temperature": "a number from 0 to 2", "top_p": "a number above 0, at most 1",
     "presence_penalty": "a number from -2 to 2", "frequency_penalty": "a number from -2 to 2",
     "logit_bias": "an object mapping token ids to numbers from -100 to 100",
@@ -165,7 +167,7 @@ def describe_validation_error(errors: list[dict[str, Any]]) -> tuple[str, str | 
     if kind == "extra_forbidden":
         return f"unknown field {param!r}: this server does not support it", param
     if kind == "missing":
-        return f"{param} is required", param
+        return (f"{param} is required", param) if param else ("the body must be a JSON object", None)
     if param is None:
         return "the body must be a JSON object", None
     same = [e for e in errors if param_of(e) == param]

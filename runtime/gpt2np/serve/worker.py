@@ -41,6 +41,7 @@ class EngineWorker:
         self._lock = threading.Condition()
         self._inbox: list[tuple[Sequence, Listener]] = []
         self._listeners: dict[int, Listener] = {}  # id(sequence) -> its request's listener
+        self._sequences: dict[int, Sequence] = {}  # every sequence handed to the engine, until done
         self._last_token_at: dict[int, float] = {}
         self.active = 0  # sequences submitted and not yet done
         self.running = 0  # sequences in the batch after the last step
@@ -92,14 +93,18 @@ class EngineWorker:
                 new, self._inbox = self._inbox, []
             for seq, listener in new:
                 self._listeners[id(seq)] = listener
+                self._sequences[id(seq)] = seq
                 self.engine.submit(seq)
             try:
                 events = self.engine.step()
             except Exception:  # noqa: BLE001 -- the engine must outlive any one request
+                # Engine.step fails sequences, not itself; this is a bug. Fail everything it
+                # holds, so that no request waits for an event that will not come.
                 log.exception("engine step failed")
                 events = []
-                for s in [*self.engine.running, *self.engine.waiting]:
-                    s.fail("internal error in the engine")
+                for s in self._sequences.values():
+                    if not s.done:
+                        s.fail("internal error in the engine")
                     events.append((s, None, ""))
                 self.engine.running, self.engine.waiting = [], type(self.engine.waiting)()
             self.running = len(self.engine.running)
@@ -121,6 +126,7 @@ class EngineWorker:
                 done += 1
                 self._last_token_at.pop(key, None)
                 self.metrics.finished.labels(seq.result.stop_reason).inc()
+                self._sequences.pop(key, None)
                 listener = self._listeners.pop(key, None)
             else:
                 listener = self._listeners.get(key)
