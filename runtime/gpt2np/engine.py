@@ -1,7 +1,7 @@
 """The decode loop: continuous batching of sequences, one forward pass per step.
 
-Every front door drives this loop: `GPT2.generate` and `generate_batch`, `gpt-run --prompts-file`,
-`gpt-serve` and the Ray stages. Each `step()`:
+Every front door drives this loop: `GPT2.generate` and `generate_batch`, `gpt-run` (one prompt or
+`--prompts-file`) and `gpt-serve`. Each `step()`:
 
 1. drops cancelled sequences, then admits waiting ones while fewer than `max_batch` run;
 2. gathers the positions each running sequence needs next: one token for a decoding sequence, a
