@@ -13,7 +13,7 @@ MODELS ?= models
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[convert,serve,test]'
+	$(BIN)/pip install --quiet -e '.[convert,serve,ray,test]'
 	touch $@
 
 ## install: the runtime, the converter (TensorFlow) and the test tools, into .venv

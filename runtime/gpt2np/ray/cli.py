@@ -1,0 +1,148 @@
+"""`gpt-batch`: generate or score a JSON-lines corpus on a Ray cluster (or this machine)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+import click
+
+from ..cli import generation_options, run_command
+from ..errors import GPT2Error
+from . import job
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("model_dir", type=click.Path(file_okay=False, path_type=str))
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=str))
+@click.argument("output_dir", type=click.Path(file_okay=False, path_type=str))
+@click.option("--task", type=click.Choice(["generate", "score"]), default="generate", show_default=True,
+              help='generate: continue each row\'s "prompt"; score: NLL and perplexity of each row\'s "text".')
+@click.option("--address", envvar="RAY_ADDRESS", default=None,
+              help="Join this running Ray cluster [env: RAY_ADDRESS]; by default a local Ray starts here.")
+@click.option("--workers", default=None, type=click.IntRange(min=1),
+              help="Actors, each with its own copy of the engine [default: this machine's cores / threads].")
+@click.option("--threads-per-worker", default=1, show_default=True, type=click.IntRange(min=1),
+              help="BLAS threads (and Ray CPUs) per actor.")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Rows per batch: decoded together in one forward pass per step.")
+@click.option("--stride", type=click.IntRange(min=1), default=None,
+              help="With --task score: the sliding window's step for texts longer than the context.")
+@click.option("--force", is_flag=True, help="Replace a non-empty OUTPUT_DIR.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@generation_options
+def batch(model_dir, input_path, output_dir, task, address, workers, threads_per_worker, batch_size, stride,
+          force, quiet, options):
+    """Generate (or score) every row of INPUT with the GPT-2 model in MODEL_DIR, on Ray.
+
+    \b
+    INPUT is a JSON-lines file, or a folder of *.jsonl files read in name order: one object
+    per line with "prompt" (generate) or "text" (score), and an optional "id" (else the line
+    number, counted from 1 across the files). OUTPUT_DIR receives JSON-lines shards
+    (part-00000.jsonl, ...): one object per input row with its id, its other fields and the
+    results (text, ids, finish_reason, logprobs; or n_tokens, nll, perplexity), or an "error".
+    OUTPUT_DIR appears only when the job is complete; a non-empty one is refused unless --force.
+
+    MODEL_DIR (and INPUT) must be readable at the same path on every node. A worker where it
+    is missing, or differs from its SHA256SUMS, fails the job with a line naming the node. With
+    --seed, each row's random stream depends only on the seed and the row's id.
+    """
+    files = job.input_files(input_path)
+    if task == "score" and options:
+        raise click.UsageError("generation options do not apply to --task score")
+    if task == "generate" and stride is not None:
+        raise click.UsageError("--stride applies to --task score only")
+    chunks, total = job.plan(files)
+    out = job.OutputDir(output_dir, force)
+    try:
+        progress = job.Progress(total, enabled=not quiet and sys.stderr.isatty())
+        run(model_dir, chunks, out, task, address, workers, threads_per_worker, batch_size, stride, options, progress)
+        elapsed = progress.finish()
+        out.commit()
+    except BaseException:
+        out.abort()
+        raise
+    print(f"gpt-batch: {progress.rows} rows ({progress.errors} errors, {progress.tokens} tokens) in "
+          f"{elapsed:.1f} s -> {output_dir}", file=sys.stderr)
+
+
+def run(model_dir, chunks, out, task, address, workers, threads, batch_size, stride, options, progress) -> None:
+    try:
+        import ray
+        from ray.data import ActorPoolStrategy, DataContext
+    except ImportError as e:
+        raise GPT2Error(f"gpt-batch needs the extra 'ray' ({e.name} is not installed): "
+                        "pip install 'gpt2np[ray]'") from None
+    from . import Generate, Score
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        warnings.filterwarnings("ignore", module="ray")
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # Ray's C++ notes are not the user's business
+        workers = workers or max(1, (os.cpu_count() or 1) // threads)
+        env = {"OPENBLAS_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+        if address:
+            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False,
+                     runtime_env={"env_vars": env})
+        else:  # one spare CPU for the parse tasks, which the actors would otherwise starve
+            ray.init(num_cpus=workers * threads + 1, include_dashboard=False, logging_level=logging.ERROR,
+                     log_to_driver=False, runtime_env={"env_vars": env})
+    workers = workers or 1
+    for name in ("ray", "ray.data"):  # failures reach the user as one line of ours, not Ray's logs
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        check_every_node(ray, model_dir)
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        column = job.COLUMNS[task]
+        if task == "generate":
+            stage, kwargs = Generate, {"model_dir": str(model_dir), "verify": False, **options}
+        else:
+            stage, kwargs = Score, {"model_dir": str(model_dir), "stride": stride, "verify": False}
+        ds = ray.data.from_items([vars(c) for c in chunks])
+        ds = ds.flat_map(job.parse_chunk, fn_kwargs={"column": column}, num_cpus=0.25)
+        ds = ds.map_batches(stage, fn_constructor_kwargs=kwargs, compute=ActorPoolStrategy(size=workers),
+                            batch_size=batch_size, num_cpus=threads, batch_format="numpy")
+        try:
+            for result in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                rows = list(job.output_rows(result, task))
+                out.write([r for r, _ in rows])
+                progress.add(len(rows), sum(t for _, t in rows), sum("error" in r for r, _ in rows))
+        except (KeyboardInterrupt, GPT2Error):
+            raise
+        except Exception as e:  # noqa: BLE001 -- Ray's wrapping of a remote failure: say it in one line
+            raise GPT2Error(job.one_line(e)) from None
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def check_every_node(ray, model_dir) -> None:
+    """Check MODEL_DIR on every node with CPUs before the job starts (the actors then skip the
+    SHA256SUMS check): one clear line naming each node where it is missing or differs."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from . import check_model_dir
+
+    @ray.remote(num_cpus=0)
+    def check(path: str) -> str | None:
+        try:
+            check_model_dir(path)
+        except GPT2Error as e:
+            return str(e)
+        return None
+
+    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+    refs = [check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(str(model_dir))
+            for n in nodes]
+    errors = [e for e in ray.get(refs) if e]
+    if errors:
+        more = f" (and on {len(errors) - 1} more of {len(nodes)} nodes)" if len(errors) > 1 else ""
+        raise GPT2Error(errors[0] + more)
+
+
+def main() -> None:
+    run_command(batch, "gpt-batch", interrupted="interrupted: no output was written")

@@ -1,0 +1,235 @@
+"""A `gpt-batch` job: JSON-lines in, the Ray Data pipeline, JSON-lines shards out.
+
+Input is planned on the driver: one fast pass over the files finds chunks of `CHUNK_LINES` lines
+and their first line numbers, so that a row's default id is its line number counted across the
+files in name order. Ray tasks parse the chunks (the input must be readable on every node, like
+the model folder), actors run `Generate` or `Score`, and the driver writes what comes back into
+shards of a temporary sibling of OUTPUT_DIR, renamed into place when every row is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import GPT2Error
+
+CHUNK_LINES = 1000  # lines per parse task
+SHARD_ROWS = 10_000  # rows per output file
+COLUMNS = {"generate": "prompt", "score": "text"}
+
+
+@dataclass(frozen=True)
+class Chunk:
+    path: str
+    start: int  # byte offsets [start, end)
+    end: int
+    first_line: int  # the line number of its first line, counted from 1 across every file
+    file_line: int  # the same, counted in its own file
+
+
+def input_files(source: str | Path) -> list[Path]:
+    """INPUT's JSON-lines files: the file itself, or a folder's `*.jsonl` files in name order."""
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(".jsonl"))
+        if not files:
+            raise GPT2Error(f"{path}: no .jsonl files in this folder")
+        return files
+    if not path.is_file():
+        raise GPT2Error(f"{path}: no such file or folder")
+    return [path]
+
+
+def plan(files: list[Path], chunk_lines: int = CHUNK_LINES) -> tuple[list[Chunk], int]:
+    """The chunks of every file, and the number of rows (non-blank lines)."""
+    chunks, line, rows = [], 1, 0
+    for path in files:
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise GPT2Error(f"cannot read {path}: {e.strerror}") from None
+        rows += sum(1 for raw in _lines(data) if raw.strip())
+        start, pos, lines, file_line = 0, 0, 0, 1
+        while pos < len(data):
+            nl = data.find(b"\n", pos)
+            pos = len(data) if nl < 0 else nl + 1
+            lines += 1
+            if lines == chunk_lines or pos == len(data):
+                chunks.append(Chunk(str(path.resolve()), start, pos, line, file_line))
+                line, file_line = line + lines, file_line + lines
+                start, lines = pos, 0
+    return chunks, rows
+
+
+def parse_chunk(chunk: dict, column: str) -> Iterator[dict]:
+    """The rows of one chunk: `id` (JSON text), the prompt or text, the whole input object
+    (`_input`, JSON text) and `error` for a line that is not a usable JSON object."""
+    with open(chunk["path"], "rb") as f:
+        f.seek(chunk["start"])
+        data = f.read(chunk["end"] - chunk["start"])
+    name = os.path.basename(chunk["path"])
+    for number, raw in enumerate(_lines(data), start=chunk["first_line"]):
+        if not raw.strip():
+            continue
+        row = {"id": json.dumps(number), column: None, "_input": None, "error": None}
+        try:
+            obj = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            row["error"] = f"{name}:{number - chunk['first_line'] + chunk['file_line']}: not JSON ({e})"
+            yield row
+            continue
+        if not isinstance(obj, dict):
+            row["error"] = f"{name}:{number - chunk['first_line'] + chunk['file_line']}: not a JSON object"
+        else:
+            if "id" in obj:
+                row["id"] = json.dumps(obj["id"], ensure_ascii=False)
+            row["_input"] = json.dumps(obj, ensure_ascii=False)
+            value = obj.get(column)
+            if isinstance(value, str):
+                row[column] = value
+            else:
+                row["error"] = f'the row has no "{column}" string' if value is None else \
+                    f'"{column}" must be a string, not {type(value).__name__}'
+        yield row
+
+
+def _lines(data: bytes) -> list[bytes]:
+    """Lines as JSON-lines has them: split at \\n only (a \\r\\n ending is JSON whitespace)."""
+    lines = data.split(b"\n")
+    return lines[:-1] if lines and not lines[-1] else lines
+
+
+class OutputDir:
+    """OUTPUT_DIR built in a hidden sibling and renamed into place when complete: it is never
+    half-written. A non-empty OUTPUT_DIR is refused unless `force`, which replaces it whole."""
+
+    def __init__(self, path: str | Path, force: bool):
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise GPT2Error(f"{self.path}: exists and is not a folder")
+        if self.path.is_dir() and any(self.path.iterdir()) and not force:
+            raise GPT2Error(f"{self.path}: the output folder is not empty (--force replaces it)")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise GPT2Error(f"cannot create {self.path.parent}: {e.strerror}") from None
+        for stale in self.path.parent.glob(f".{self.path.name}.tmp-*"):  # a killed run's leftovers
+            if not _alive(stale.name.rsplit("-", 1)[-1]):
+                shutil.rmtree(stale, ignore_errors=True)
+        self.tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}"
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir()
+        self.shards, self.rows_in_shard, self.file = 0, 0, None
+
+    def write(self, rows: list[dict]) -> None:
+        for row in rows:
+            if self.file is None:
+                self.file = open(self.tmp / f"part-{self.shards:05d}.jsonl", "w", encoding="utf-8")
+            self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self.rows_in_shard += 1
+            if self.rows_in_shard == SHARD_ROWS:
+                self._close_shard()
+
+    def _close_shard(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            self.file, self.rows_in_shard, self.shards = None, 0, self.shards + 1
+
+    def commit(self) -> None:
+        self._close_shard()
+        if self.path.is_dir():
+            old = self.path.parent / f".{self.path.name}.old-{os.getpid()}"
+            os.rename(self.path, old)
+            os.rename(self.tmp, self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(self.tmp, self.path)
+
+    def abort(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+
+
+def output_rows(batch: dict, task: str) -> Iterator[tuple[dict, int]]:
+    """(output object, tokens) per row of a result batch: the input's fields with its `id`, and
+    the results (or `error`)."""
+    results = ("text", "ids", "finish_reason", "logprobs") if task == "generate" else ("n_tokens", "nll", "perplexity")
+    columns = {k: (v.tolist() if hasattr(v, "tolist") else list(v)) for k, v in batch.items()}
+    for i in range(len(columns["id"])):
+        raw = columns["_input"][i]
+        out = json.loads(raw) if isinstance(raw, str) else {}
+        out["id"] = json.loads(columns["id"][i])
+        error = columns["error"][i]
+        if isinstance(error, str) and error:  # a column of Nones may come back as NaN
+            out["error"] = error
+            yield out, 0
+            continue
+        for name in results:
+            out[name] = _plain(columns[name][i])
+        yield out, len(out["ids"]) if task == "generate" else out["n_tokens"]
+
+
+def _plain(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value
+
+
+class Progress:
+    """Rows and tokens per second on stderr, redrawn in place when it is a terminal."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled = total, enabled
+        self.rows = self.tokens = self.errors = 0
+        self.started = self.drawn = time.monotonic()
+
+    def add(self, rows: int, tokens: int, errors: int) -> None:
+        self.rows += rows
+        self.tokens += tokens
+        self.errors += errors
+        now = time.monotonic()
+        if self.enabled and (now - self.drawn > 0.2 or self.rows == self.total):
+            self.drawn = now
+            t = max(now - self.started, 1e-9)
+            width = 30
+            done = int(width * self.rows / self.total) if self.total else width
+            sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {self.rows}/{self.total} rows, "
+                             f"{self.rows / t:.1f} rows/s, {self.tokens / t:.0f} tokens/s, {self.errors} errors ")
+            sys.stderr.flush()
+
+    def finish(self) -> float:
+        if self.enabled:
+            sys.stderr.write("\n")
+        return time.monotonic() - self.started
+
+
+def one_line(error: BaseException) -> str:
+    """The message worth showing from an exception Ray raised for a remote failure: our own
+    `GPT2Error` line if one is in it, else its last line."""
+    text = str(error)
+    found = re.findall(r"GPT2Error: (.+)", text)
+    if found:
+        return found[-1].strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__

@@ -1,0 +1,265 @@
+"""Ray Data stages and `gpt-batch` on a real multi-node Ray cluster, started here on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gpt2np
+from conftest import BIN, run_cli
+
+ray = pytest.importorskip("ray")
+from ray.data import ActorPoolStrategy  # noqa: E402
+
+from gpt2np.ray import Generate, Score, row_seed  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    c.add_node(num_cpus=2)
+    c.wait_for_nodes()
+    ray.init(address=c.address, logging_level="ERROR", log_to_driver=False)
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    try:
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model(small_model_dir):
+    return gpt2np.load(small_model_dir)
+
+
+PROMPTS = [f"Row {i}: " + "word " * (i % 7) for i in range(24)]
+
+
+def stage(ds, cls, batch_size=5, **kwargs):
+    return ds.map_batches(cls, fn_constructor_kwargs=kwargs, compute=ActorPoolStrategy(size=2),
+                          batch_size=batch_size, num_cpus=1)
+
+
+def test_generate_stage_equals_generate_batch_row_for_row(cluster, model, small_model_dir):
+    rows = [{"id": i, "prompt": p, "lang": "en"} for i, p in enumerate(PROMPTS)]
+    rows += [{"id": 100, "prompt": "word " * 80, "lang": "en"}]  # too long for the 64-position context
+    out = stage(ray.data.from_items(rows), Generate, model_dir=str(small_model_dir), n_tokens=8,
+                stop_at_eos=False).take_all()
+    by_id = {r["id"]: r for r in out}
+    assert sorted(by_id) == [r["id"] for r in rows] and len(out) == len(rows)
+    expected = model.generate_batch(PROMPTS, 8, stop_at_eos=False)
+    for i, g in enumerate(expected):
+        r = by_id[i]
+        assert list(r["ids"]) == g.ids and r["text"] == g.text and r["finish_reason"] == g.stop_reason
+        np.testing.assert_allclose(list(r["logprobs"]), g.logprobs, atol=1e-4)
+        assert r["lang"] == "en" and r["error"] is None
+    assert "context is 64" in by_id[100]["error"] and by_id[100]["text"] is None
+
+
+def test_seeded_rows_do_not_depend_on_worker_or_batch(cluster, model, small_model_dir):
+    rows = [{"id": f"r{i}", "prompt": p} for i, p in enumerate(PROMPTS)]
+    opts = dict(n_tokens=10, temperature=0.9, top_p=0.95, seed=5, stop_at_eos=False)
+    results = []
+    for batch_size in (1, 7):
+        out = stage(ray.data.from_items(rows), Generate, batch_size=batch_size, model_dir=str(small_model_dir),
+                    **opts).take_all()
+        results.append({r["id"]: list(r["ids"]) for r in out})
+    assert results[0] == results[1]
+    for row in rows[:8]:
+        alone = model.complete(row["prompt"], 10, temperature=0.9, top_p=0.95, stop_at_eos=False,
+                               seed=row_seed(5, row["id"]))
+        assert results[0][row["id"]] == alone.ids
+
+
+def test_score_stage_equals_score(cluster, model, small_model_dir):
+    texts = ["Hello world.", "A longer sentence, scored token by token.", "word " * 150, "", None]
+    out = stage(ray.data.from_items([{"id": i, "text": t} for i, t in enumerate(texts)]), Score,
+                model_dir=str(small_model_dir)).take_all()
+    by_id = {r["id"]: r for r in out}
+    for i in range(3):  # the third is longer than the context: the sliding window
+        s = model.score(texts[i])
+        assert by_id[i]["n_tokens"] == len(s.ids) and by_id[i]["error"] is None
+        assert by_id[i]["nll"] == pytest.approx(s.nll, rel=1e-5)
+        assert by_id[i]["perplexity"] == pytest.approx(s.perplexity, rel=1e-5)
+    assert "nothing to score" in by_id[3]["error"] and "must be a string" in by_id[4]["error"]
+
+
+# ---------------------------------------------------------------------------------------- gpt-batch
+def write_corpus(folder: Path, n: int, bad: bool = True) -> list[dict]:
+    """Two files read in name order; ids given or the line number across files; bad lines."""
+    folder.mkdir()
+    rows = [{"prompt": p} if i % 3 else {"prompt": p, "id": f"custom-{i}"} for i, p in
+            enumerate(PROMPTS[i % len(PROMPTS)] for i in range(n))]
+    half = n // 2
+    lines_b = [json.dumps(r) for r in rows[:half]]
+    lines_a = [json.dumps(r) for r in rows[half:]]
+    if bad:
+        lines_a.insert(2, "{not json")
+        lines_a.insert(4, json.dumps({"text": "no prompt here"}))
+    (folder / "b.jsonl").write_text("\n".join(lines_a) + "\n")  # "a" sorts first: its lines come first
+    (folder / "a.jsonl").write_text("\n".join(lines_b) + "\n\n")
+    # What each line holds, in the order of line numbers: a.jsonl ends with a blank line, which
+    # is counted but holds no row; a line that is not JSON is None.
+    order = [*(json.loads(x) for x in lines_b), "blank", *(json.loads(x) if x.startswith('{"') else None
+                                                             for x in lines_a)]
+    for line_number, r in enumerate(order, start=1):
+        if isinstance(r, dict) and "id" not in r:
+            r["id"] = line_number
+    return [r for r in order if r != "blank"] if not bad else order
+
+
+def read_output(folder: Path) -> list[dict]:
+    return [json.loads(line) for f in sorted(folder.glob("part-*.jsonl")) for line in f.read_text().splitlines()]
+
+
+def test_gpt_batch_end_to_end(cluster, model, small_model_dir, tmp_path):
+    order = write_corpus(tmp_path / "in", 30)
+    out = tmp_path / "out"
+    args = [str(small_model_dir), str(tmp_path / "in"), str(out), "--address", cluster.address, "--workers", "2",
+            "--batch-size", "4", "-n", "6", "--ignore-eos", "--temperature", "0.8", "--seed", "9"]
+    r = run_cli("gpt-batch", *args)
+    assert r.returncode == 0, r.stderr.decode()
+    assert b"32 rows (2 errors" in r.stderr
+    rows = read_output(out)
+    assert len(rows) == 32 and len({json.dumps(x["id"]) for x in rows}) == 32  # every row exactly once
+    by_id = {json.dumps(x["id"]): x for x in rows}
+    for line_number, expected in enumerate(order, start=1):
+        if expected == "blank":
+            continue
+        if expected is None:  # the bad line: its line number is its id
+            assert "not JSON" in by_id[str(line_number)]["error"]
+            continue
+        key = json.dumps(expected["id"])
+        got = by_id[key]
+        if "prompt" not in expected:
+            assert 'no "prompt"' in got["error"] and got["text"] == "no prompt here"
+            continue
+        alone = model.complete(expected["prompt"], 6, stop_at_eos=False, temperature=0.8, seed=row_seed(9, key))
+        assert got["ids"] == alone.ids and got["text"] == alone.text and got["prompt"] == expected["prompt"]
+    # The output folder is refused when it is not empty, replaced whole with --force.
+    again = run_cli("gpt-batch", *args)
+    assert again.returncode == 1 and b"not empty" in again.stderr and len(again.stderr.splitlines()) == 1
+    texts = ["Scored text.", "word " * 150, "Another one, a little longer than the first."]
+    (tmp_path / "texts.jsonl").write_text("".join(json.dumps({"text": t, "n": i}) + "\n" for i, t in enumerate(texts)))
+    score = run_cli("gpt-batch", str(small_model_dir), str(tmp_path / "texts.jsonl"), str(out), "--address",
+                    cluster.address, "--task", "score", "--force", "--workers", "1")
+    assert score.returncode == 0, score.stderr.decode()
+    scored = sorted(read_output(out), key=lambda x: x["id"])
+    assert [x["id"] for x in scored] == [1, 2, 3] and [x["n"] for x in scored] == [0, 1, 2]
+    for x, t in zip(scored, texts):
+        expected = model.score(t)
+        assert x["n_tokens"] == len(expected.ids) and x["nll"] == pytest.approx(expected.nll, rel=1e-5)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_model_folder_missing_or_different_names_the_node(cluster, small_model_dir, tmp_path):
+    write_corpus(tmp_path / "in", 4, bad=False)
+    r = run_cli("gpt-batch", str(tmp_path / "nowhere"), str(tmp_path / "in"), str(tmp_path / "out"),
+                "--address", cluster.address)
+    err = r.stderr.decode().strip().splitlines()
+    assert r.returncode == 1 and "on node 1" in err[-1] and "not a model folder" in err[-1]
+    assert all("Traceback" not in line for line in err) and not (tmp_path / "out").exists()
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    for f in Path(small_model_dir).iterdir():
+        (changed / f.name).symlink_to(f)
+    (changed / "SHA256SUMS").write_text(f"{'0' * 64}  config.json\n")
+    r = run_cli("gpt-batch", str(changed), str(tmp_path / "in"), str(tmp_path / "out"), "--address", cluster.address)
+    line = r.stderr.decode().strip().splitlines()[-1]
+    assert r.returncode == 1 and "on node 1" in line and "config.json differs" in line and "2 nodes" in line
+
+
+def running_job(cluster, small_model_dir, tmp_path, n_rows, workers=2):
+    """A gpt-batch process under way, and a way to count the rows it has written so far."""
+    order = write_corpus(tmp_path / "in", n_rows, bad=False)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([str(BIN / "gpt-batch"), str(small_model_dir), str(tmp_path / "in"), str(out),
+                             "--address", cluster.address, "--workers", str(workers), "--batch-size", "2", "-n", "40",
+                             "--ignore-eos"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def written() -> int:
+        return sum(len(f.read_text().splitlines()) for f in tmp_path.glob(".out.tmp-*/part-*.jsonl"))
+
+    return proc, order, out, written
+
+
+def wait_until(predicate, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def map_workers():
+    """The processes of the job's actors (Ray names them `ray::MapWorker(...)`)."""
+    import psutil
+
+    return [p for p in psutil.process_iter(["cmdline"])
+            if any("MapWorker(MapBatches(Generate))" in part for part in (p.info["cmdline"] or []))]
+
+
+def raylet_pid(node) -> int:
+    return node.all_processes["raylet"][0].process.pid
+
+
+def check_complete(model, out, order, n_tokens=40):
+    rows = read_output(out)
+    assert sorted(json.dumps(r["id"]) for r in rows) == sorted(json.dumps(r["id"]) for r in order)
+    by_id = {json.dumps(r["id"]): r for r in rows}
+    sample = order[::7]
+    expected = model.generate_batch([r["prompt"] for r in sample], n_tokens, stop_at_eos=False)
+    assert [by_id[json.dumps(r["id"])]["ids"] for r in sample] == [g.ids for g in expected]
+
+
+def test_actor_killed_mid_job(cluster, model, small_model_dir, tmp_path):
+    proc, order, out, written = running_job(cluster, small_model_dir, tmp_path, 160)
+    try:
+        wait_until(lambda: written() >= 10 or proc.poll() is not None)
+        assert proc.poll() is None and written() < len(order)  # really mid-job
+        victim = map_workers()[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err.decode()
+    check_complete(model, out, order)
+
+
+def test_ctrl_c_stops_cleanly(cluster, small_model_dir, tmp_path):
+    proc, _, out, written = running_job(cluster, small_model_dir, tmp_path, 160)
+    try:
+        wait_until(lambda: written() >= 4 or proc.poll() is not None)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and b"interrupted" in err and b"Traceback" not in err
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_worker_node_lost_mid_job(cluster, model, small_model_dir, tmp_path):
+    # Last in this module: it replaces the cluster's worker node.
+    proc, order, out, written = running_job(cluster, small_model_dir, tmp_path, 160)
+    try:
+        wait_until(lambda: written() >= 10 or proc.poll() is not None)
+        assert proc.poll() is None and written() < len(order)  # really mid-job
+        lost = next(iter(cluster.worker_nodes))
+        assert any(p.ppid() == raylet_pid(lost) for p in map_workers())  # an actor really is there
+        cluster.remove_node(lost, allow_graceful=False)
+        cluster.add_node(num_cpus=2)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err.decode()
+    check_complete(model, out, order)
