@@ -8,7 +8,7 @@ PROMPT ?= Alan Turing theorized that computers would one day
 N      ?= 50
 MODELS ?= models
 
-.PHONY: install run serve test fuzz bench bench-serve deploy-check clean
+.PHONY: install run serve test fuzz bench bench-serve bench-ray deploy-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,11 @@ bench: install
 bench-serve: install
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/serve_bench.py $(BENCH_ARGS)
+
+## bench-ray: the Ray Data stage against one process doing the same work; writes bench/results/{RAY.md,ray.json}
+bench-ray: install
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/ray_bench.py $(BENCH_ARGS)
 
 ## deploy-check: the runtime wheel alone, in a fresh venv, runs a converted model
 deploy-check: install

@@ -60,9 +60,9 @@ def streamed(client, **kw):
     return texts, finish, chunks
 
 
-def test_import_gpt2np_never_imports_the_servers_libraries():
+def test_import_gpt2np_never_imports_the_extras_libraries():
     code = ("import sys, gpt2np, gpt2np.serve; m = gpt2np.load; "
-            "print(sorted(x for x in ('fastapi', 'uvicorn', 'starlette', 'prometheus_client', 'pydantic') "
+            "print(sorted(x for x in ('fastapi', 'uvicorn', 'starlette', 'prometheus_client', 'pydantic', 'ray') "
             "if x in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
