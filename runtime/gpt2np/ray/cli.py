@@ -23,7 +23,8 @@ from . import job
 @click.option("--address", envvar="RAY_ADDRESS", default=None,
               help="Join this running Ray cluster [env: RAY_ADDRESS]; by default a local Ray starts here.")
 @click.option("--workers", default=None, type=click.IntRange(min=1),
-              help="Actors, each with its own copy of the engine [default: this machine's cores / threads].")
+              help="Actors, each with its own engine [default: the cluster's CPUs / threads, one CPU kept "
+                   "for reading; on this machine, its cores / threads].")
 @click.option("--threads-per-worker", default=1, show_default=True, type=click.IntRange(min=1),
               help="BLAS threads (and Ray CPUs) per actor.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1),
@@ -81,15 +82,16 @@ def run(model_dir, chunks, out, task, address, workers, threads, batch_size, str
     if started_here:
         warnings.filterwarnings("ignore", module="ray")
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # Ray's C++ notes are not the user's business
-        workers = workers or max(1, (os.cpu_count() or 1) // threads)
         env = {"OPENBLAS_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
         if address:
             ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False,
                      runtime_env={"env_vars": env})
         else:  # one spare CPU for the parse tasks, which the actors would otherwise starve
+            workers = workers or max(1, (os.cpu_count() or 1) // threads)
             ray.init(num_cpus=workers * threads + 1, include_dashboard=False, logging_level=logging.ERROR,
                      log_to_driver=False, runtime_env={"env_vars": env})
-    workers = workers or 1
+    if not workers:  # the cluster's CPUs, one kept for the parse tasks
+        workers = max(1, (int(ray.cluster_resources().get("CPU", 1)) - 1) // threads)
     for name in ("ray", "ray.data"):  # failures reach the user as one line of ours, not Ray's logs
         logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
