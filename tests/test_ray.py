@@ -263,3 +263,24 @@ def test_worker_node_lost_mid_job(cluster, model, small_model_dir, tmp_path):
         proc.kill()
     assert proc.returncode == 0, err.decode()
     check_complete(model, out, order)
+
+
+@pytest.mark.parametrize("args, fragment, status", [
+    (["{model}", "/nonexistent.jsonl", "{out}"], "no such file or folder", 1),
+    (["{model}", "{empty}", "{out}"], "no .jsonl files", 1),
+    (["{model}", "{input}", "{out}", "--task", "score", "-n", "5"], "do not apply to --task score", 2),
+    (["{model}", "{input}", "{out}", "--stride", "5"], "--stride applies to --task score only", 2),
+    (["{model}", "{input}", "{out}", "--top-p", "7"], "--top-p", 2),
+    (["{model}", "{input}", "{full}"], "not empty", 1),
+])
+def test_gpt_batch_usage_errors_are_one_line(small_model_dir, tmp_path, args, fragment, status):
+    (tmp_path / "input.jsonl").write_text('{"prompt": "x"}\n')
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    names = {"model": str(small_model_dir), "out": str(tmp_path / "out"), "empty": str(tmp_path / "empty"),
+             "input": str(tmp_path / "input.jsonl"), "full": str(tmp_path / "full")}
+    r = run_cli("gpt-batch", *[a.format(**names) for a in args])
+    err = r.stderr.decode()
+    assert r.returncode == status and fragment in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists() and (tmp_path / "full" / "keep.txt").read_text() == "mine"
