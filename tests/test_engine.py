@@ -41,7 +41,9 @@ def test_any_batching_and_chunking_gives_the_single_results(model, max_batch, ch
     assert [s.result.text for s in seqs] == [g.text for g in singles]
 
 
-def test_prefill_chunk_bounds_the_positions_per_step(model, monkeypatch):
+@pytest.fixture
+def positions_per_pass(monkeypatch):
+    """The number of positions of each sequence in every forward pass the engine runs."""
     seen = []
     real = gpt2np.engine.transformer
 
@@ -50,6 +52,11 @@ def test_prefill_chunk_bounds_the_positions_per_step(model, monkeypatch):
         return real(params, config, batch, all_positions)
 
     monkeypatch.setattr(gpt2np.engine, "transformer", spy)
+    return seen
+
+
+def test_prefill_chunk_bounds_the_positions_per_step(model, positions_per_pass):
+    seen = positions_per_pass
     engine = model.engine(prefill_chunk=4)
     running = engine.add(model.encode("a"), Options(n_tokens=20, stop_at_eos=False))
     engine.step()  # the short prompt is read; it now decodes one token per step
@@ -61,15 +68,8 @@ def test_prefill_chunk_bounds_the_positions_per_step(model, monkeypatch):
     assert long.result.ids == model.complete(list(range(100, 140)), 3, stop_at_eos=False).ids
 
 
-def test_prefill_chunk_is_shared_by_every_prompt_being_read(model, monkeypatch):
-    seen = []
-    real = gpt2np.engine.transformer
-
-    def spy(params, config, batch, all_positions=False):
-        seen.append([len(ids) for ids, _ in batch])
-        return real(params, config, batch, all_positions)
-
-    monkeypatch.setattr(gpt2np.engine, "transformer", spy)
+def test_prefill_chunk_is_shared_by_every_prompt_being_read(model, positions_per_pass):
+    seen = positions_per_pass
     engine = model.engine(prefill_chunk=5)
     opts = Options(n_tokens=2, stop_at_eos=False)
     seqs = [engine.add(list(range(100, 100 + n)), opts) for n in (11, 7, 1)]
