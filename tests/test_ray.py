@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -141,10 +142,11 @@ def test_gpt_batch_end_to_end(cluster, model, small_model_dir, tmp_path):
             continue
         key = json.dumps(expected["id"])
         got = by_id[key]
-        if "prompt" not in expected:
-            assert 'no "prompt"' in got["error"] and got["text"] == "no prompt here"
+        if "prompt" not in expected:  # its "text" field would collide with the result's
+            assert "'text' is a result's name" in got["error"] and "text" not in got
             continue
-        alone = model.complete(expected["prompt"], 6, stop_at_eos=False, temperature=0.8, seed=row_seed(9, key))
+        alone = model.complete(expected["prompt"], 6, stop_at_eos=False, temperature=0.8,
+                               seed=row_seed(9, expected["id"]))
         assert got["ids"] == alone.ids and got["text"] == alone.text and got["prompt"] == expected["prompt"]
     # The output folder is refused when it is not empty, replaced whole with --force.
     again = run_cli("gpt-batch", *args)
@@ -167,7 +169,7 @@ def test_model_folder_missing_or_different_names_the_node(cluster, small_model_d
     r = run_cli("gpt-batch", str(tmp_path / "nowhere"), str(tmp_path / "in"), str(tmp_path / "out"),
                 "--address", cluster.address)
     err = r.stderr.decode().strip().splitlines()
-    assert r.returncode == 1 and "on node 1" in err[-1] and "not a model folder" in err[-1]
+    assert r.returncode == 1 and re.search(r"on node \d+\.\d+\.\d+\.\d+ ", err[-1]) and "not a model folder" in err[-1]
     assert all("Traceback" not in line for line in err) and not (tmp_path / "out").exists()
     changed = tmp_path / "changed"
     changed.mkdir()
@@ -176,7 +178,8 @@ def test_model_folder_missing_or_different_names_the_node(cluster, small_model_d
     (changed / "SHA256SUMS").write_text(f"{'0' * 64}  config.json\n")
     r = run_cli("gpt-batch", str(changed), str(tmp_path / "in"), str(tmp_path / "out"), "--address", cluster.address)
     line = r.stderr.decode().strip().splitlines()[-1]
-    assert r.returncode == 1 and "on node 1" in line and "config.json differs" in line and "2 nodes" in line
+    assert r.returncode == 1 and re.search(r"on node \d+\.\d+\.\d+\.\d+ ", line)
+    assert "config.json differs" in line and "2 nodes" in line
 
 
 def running_job(cluster, small_model_dir, tmp_path, n_rows, workers=2):
@@ -272,6 +275,7 @@ def test_worker_node_lost_mid_job(cluster, model, small_model_dir, tmp_path):
     (["{model}", "{input}", "{out}", "--stride", "5"], "--stride applies to --task score only", 2),
     (["{model}", "{input}", "{out}", "--top-p", "7"], "--top-p", 2),
     (["{model}", "{input}", "{full}"], "not empty", 1),
+    (["{model}", "{input}", "{here}", "--force"], "would hold", 1),
 ])
 def test_gpt_batch_usage_errors_are_one_line(small_model_dir, tmp_path, args, fragment, status):
     (tmp_path / "input.jsonl").write_text('{"prompt": "x"}\n')
@@ -279,8 +283,35 @@ def test_gpt_batch_usage_errors_are_one_line(small_model_dir, tmp_path, args, fr
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
     names = {"model": str(small_model_dir), "out": str(tmp_path / "out"), "empty": str(tmp_path / "empty"),
-             "input": str(tmp_path / "input.jsonl"), "full": str(tmp_path / "full")}
+             "input": str(tmp_path / "input.jsonl"), "full": str(tmp_path / "full"), "here": str(tmp_path)}
     r = run_cli("gpt-batch", *[a.format(**names) for a in args])
     err = r.stderr.decode()
     assert r.returncode == status and fragment in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists() and (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    assert (tmp_path / "input.jsonl").exists()
+
+
+def test_input_plan_and_parse_agree_on_line_numbers(tmp_path):
+    from gpt2np.ray import job
+
+    (tmp_path / "a.jsonl").write_bytes(b'{"prompt": "one"}\r\n\n{"prompt": "three", "id": null}\n'
+                                       b'{"prompt": NaN}\n\xff\n{"prompt": "six", "text": "x"}')  # no final newline
+    (tmp_path / "b.jsonl").write_bytes(b'{"prompt": "seven"}\n[1]\n{"prompt": 8, "id": "eight"}\n')
+    files = job.input_files(tmp_path)
+    for chunk_lines, chunk_bytes in ((1, 1 << 20), (2, 1 << 20), (1000, 1 << 20), (1000, 10)):
+        chunks, total = job.plan(files, chunk_lines, chunk_bytes)
+        rows = [r for c in chunks for r in job.parse_chunk(vars(c), "prompt", reserved=("text", "error"))]
+        assert total == len(rows) == 8
+        assert [r["_line"] for r in rows] == [1, 3, 4, 5, 6, 7, 8, 9]
+        assert [json.loads(r["id"]) for r in rows] == [1, 3, 4, 5, 6, 7, 8, "eight"]
+        assert [r["prompt"] for r in rows] == ["one", "three", None, None, None, "seven", None, None]
+        errors = [r["error"] for r in rows]
+        assert errors[:2] == [None, None] and errors[5] is None
+        assert "a.jsonl:4: not JSON (NaN is not JSON)" == errors[2] and "a.jsonl:5: not UTF-8" in errors[3]
+        assert "a.jsonl:6: the field 'text'" in errors[4] and "b.jsonl:2: not a JSON object" == errors[6]
+        assert 'b.jsonl:3: "prompt" must be a string, not int' == errors[7]
+
+
+def test_row_seed_is_the_same_for_the_same_id_in_any_form():
+    assert row_seed(5, 1) == row_seed(5, 1.0) == row_seed(5, np.int64(1)) != row_seed(5, "1")
+    assert row_seed(5, "r1") != row_seed(6, "r1")

@@ -21,18 +21,20 @@ ids, not text) gets its one-line message in an `error` column, and the rest of t
 a row that arrives with an `error` already (from an earlier stage) is passed through untouched.
 
 The model folder must be readable at the same path on every node. An actor checks it when it
-starts, and its files against `SHA256SUMS` when the folder has one (`verify=False` skips that):
-a missing or different folder fails the actor with one line that names the node.
+starts, and its files against `SHA256SUMS` when the folder has one (`verify=False` skips that;
+`expect_sums=sums_digest(folder)` also requires every node's SHA256SUMS to be the same): a missing
+or different folder fails the actor with one line that names the node.
 
 With a `seed`, each row's random stream comes from the seed and the row's `id` column
-(`row_seed`), so it does not depend on which actor or batch the row lands in; without an `id`
-column every row uses the seed itself, as `generate_batch` does.
+(`row_seed(seed, id)`), so it does not depend on which actor or batch the row lands in; without
+an `id` column every row uses the seed itself, as `generate_batch` does.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import socket
 from pathlib import Path
@@ -42,13 +44,29 @@ import numpy as np
 
 from ..errors import GPT2Error
 
-__all__ = ["Generate", "Score", "row_seed", "check_model_dir"]
+__all__ = ["Generate", "Score", "row_seed", "check_model_dir", "sums_digest"]
 
 
 def row_seed(seed: int, key: Any) -> int:
-    """The seed of one row: from the job's `seed` and the row's key (its `id`), whatever the batch."""
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    """The seed of one row: from the job's `seed` and the row's key (its `id`: a JSON value),
+    whatever the batch. A whole float is its int (Arrow makes floats of ints beside a null)."""
+    if isinstance(key, float) and key.is_integer():
+        key = int(key)
+    if isinstance(key, np.generic):
+        key = key.item()
+    text = json.dumps(key, sort_keys=True, ensure_ascii=False)
+    digest = hashlib.sha256(f"{seed}:{text}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def sums_digest(model_dir: str | Path) -> str:
+    """A digest of the folder's SHA256SUMS ("" without one): equal digests, equal copies."""
+    from ..integrity import SUMS_FILE
+
+    try:
+        return hashlib.sha256((Path(model_dir) / SUMS_FILE).read_bytes()).hexdigest()
+    except OSError:
+        return ""
 
 
 def node_name() -> str:
@@ -62,15 +80,18 @@ def node_name() -> str:
         return socket.gethostname()
 
 
-def check_model_dir(model_dir: str | Path, verify: bool = True):
-    """Load the model folder here, after checking its files against SHA256SUMS if it has one;
-    `GPT2Error` naming this node if it is missing or differs."""
+def check_model_dir(model_dir: str | Path, verify: bool = True, expect_sums: str | None = None):
+    """Load the model folder here, after checking its files against SHA256SUMS if it has one
+    (and, with `expect_sums`, that SHA256SUMS is the other nodes'); `GPT2Error` naming this node
+    if it is missing or differs."""
     import gpt2np
     from ..integrity import SUMS_FILE
     from ..integrity import verify as verify_sums
 
     folder = Path(model_dir)
     try:
+        if expect_sums is not None and folder.is_dir() and sums_digest(folder) != expect_sums:
+            raise GPT2Error(f"{folder}: its SHA256SUMS differs from the copy on the first node checked")
         if verify and (folder / SUMS_FILE).is_file():
             bad = [f"{name} {status}" for name, status in verify_sums(folder) if status != "ok"]
             if bad:
@@ -95,6 +116,9 @@ def _passed_errors(batch: Mapping[str, Any], n: int) -> list:
 
 
 def _output(batch: Mapping[str, Any], columns: dict[str, list]) -> dict:
+    taken = [name for name in columns if name in batch and name != "error"]
+    if taken:
+        raise GPT2Error(f"the batch already has a column {taken[0]!r}, which would hold a result; rename it")
     out = {k: v for k, v in batch.items()}
     for name, values in columns.items():
         arr = np.empty(len(values), dtype=object)
@@ -114,14 +138,17 @@ class Generate:
     """
 
     def __init__(self, model_dir: str, n_tokens: int = 50, *, column: str = "prompt",
-                 max_batch: int | None = None, verify: bool = True, **options):
-        self.model = check_model_dir(model_dir, verify)
+                 max_batch: int | None = None, verify: bool = True, expect_sums: str | None = None,
+                 ids_as_json: bool = False, **options):
+        self.model = check_model_dir(model_dir, verify, expect_sums)
         self.options = self.model.options(n_tokens, **options)
-        self.column, self.max_batch = column, max_batch
+        self.column, self.max_batch, self.ids_as_json = column, max_batch, ids_as_json
 
     def __call__(self, batch: Mapping[str, Any]) -> dict:
         prompts = _column(batch, self.column)
         keys = _column(batch, "id") if "id" in batch else None
+        if keys is not None and self.ids_as_json:  # gpt-batch keeps ids of any JSON type as text
+            keys = [json.loads(k) for k in keys]
         passed = _passed_errors(batch, len(prompts))
         engine, seqs = self.model.engine(max_batch=self.max_batch), []
         for i, prompt in enumerate(prompts):
@@ -162,8 +189,9 @@ class Score:
     "text"). New columns: `n_tokens`, `nll`, `perplexity` and `error`.
     """
 
-    def __init__(self, model_dir: str, stride: int | None = None, *, column: str = "text", verify: bool = True):
-        self.model = check_model_dir(model_dir, verify)
+    def __init__(self, model_dir: str, stride: int | None = None, *, column: str = "text", verify: bool = True,
+                 expect_sums: str | None = None):
+        self.model = check_model_dir(model_dir, verify, expect_sums)
         self.stride, self.column = stride, column
         if stride is not None:  # checked now, not at the first long text
             n = self.model.config.n_positions

@@ -56,11 +56,13 @@ def batch(model_dir, input_path, output_dir, task, address, workers, threads_per
     if task == "generate" and stride is not None:
         raise click.UsageError("--stride applies to --task score only")
     chunks, total = job.plan(files)
-    out = job.OutputDir(output_dir, force)
+    out = job.OutputDir(output_dir, force, keep=(input_path, model_dir))
     try:
         progress = job.Progress(total, enabled=not quiet and sys.stderr.isatty())
         run(model_dir, chunks, out, task, address, workers, threads_per_worker, batch_size, stride, options, progress)
         elapsed = progress.finish()
+        if progress.rows != total:  # each row is written once: anything else is a lost row
+            raise GPT2Error(f"{total - progress.rows} of {total} rows did not come back from Ray; nothing was written")
         out.commit()
     except BaseException:
         out.abort()
@@ -79,71 +81,80 @@ def run(model_dir, chunks, out, task, address, workers, threads, batch_size, str
     from . import Generate, Score
 
     started_here = not ray.is_initialized()
-    if started_here:
-        warnings.filterwarnings("ignore", module="ray")
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # Ray's C++ notes are not the user's business
-        env = {"OPENBLAS_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
-        if address:
-            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False,
-                     runtime_env={"env_vars": env})
-        else:  # one spare CPU for the parse tasks, which the actors would otherwise starve
-            workers = workers or max(1, (os.cpu_count() or 1) // threads)
-            ray.init(num_cpus=workers * threads + 1, include_dashboard=False, logging_level=logging.ERROR,
-                     log_to_driver=False, runtime_env={"env_vars": env})
-    if not workers:  # the cluster's CPUs, one kept for the parse tasks
-        workers = max(1, (int(ray.cluster_resources().get("CPU", 1)) - 1) // threads)
-    for name in ("ray", "ray.data"):  # failures reach the user as one line of ours, not Ray's logs
-        logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
-        check_every_node(ray, model_dir)
+        if started_here:
+            warnings.filterwarnings("ignore", module="ray")
+            os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # Ray's C++ notes are not the user's business
+            env = {"OPENBLAS_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+            if address:
+                ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False,
+                         runtime_env={"env_vars": env})
+            else:  # one spare CPU for the parse tasks, which the actors would otherwise starve
+                workers = workers or max(1, (os.cpu_count() or 1) // threads)
+                ray.init(num_cpus=workers * threads + 1, include_dashboard=False, logging_level=logging.ERROR,
+                         log_to_driver=False, runtime_env={"env_vars": env})
+        if not workers:  # the cluster's CPUs, one kept for the parse tasks
+            workers = max(1, (int(ray.cluster_resources().get("CPU", 1)) - 1) // threads)
+        for name in ("ray", "ray.data"):  # failures reach the user as one line of ours, not Ray's logs
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        sums = check_every_node(ray, model_dir)
         ctx = DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
         column = job.COLUMNS[task]
+        common = {"model_dir": str(model_dir), "expect_sums": sums}
         if task == "generate":
-            stage, kwargs = Generate, {"model_dir": str(model_dir), "verify": False, **options}
+            stage, kwargs = Generate, {**common, "ids_as_json": True, **options}
         else:
-            stage, kwargs = Score, {"model_dir": str(model_dir), "stride": stride, "verify": False}
+            stage, kwargs = Score, {**common, "stride": stride}
         ds = ray.data.from_items([vars(c) for c in chunks])
-        ds = ds.flat_map(job.parse_chunk, fn_kwargs={"column": column}, num_cpus=0.25)
+        ds = ds.flat_map(job.parse_chunk, fn_kwargs={"column": column, "reserved": (*job.RESULTS[task], "error")},
+                         num_cpus=0.25)
         ds = ds.map_batches(stage, fn_constructor_kwargs=kwargs, compute=ActorPoolStrategy(size=workers),
                             batch_size=batch_size, num_cpus=threads, batch_format="numpy")
-        try:
-            for result in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                rows = list(job.output_rows(result, task))
-                out.write([r for r, _ in rows])
-                progress.add(len(rows), sum(t for _, t in rows), sum("error" in r for r, _ in rows))
-        except (KeyboardInterrupt, GPT2Error):
-            raise
-        except Exception as e:  # noqa: BLE001 -- Ray's wrapping of a remote failure: say it in one line
-            raise GPT2Error(job.one_line(e)) from None
+        seen: set[int] = set()
+        for result in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            rows = [(r, t) for line, r, t in job.output_rows(result, task) if not (line in seen or seen.add(line))]
+            out.write([r for r, _ in rows])
+            progress.add(len(rows), sum(t for _, t in rows), sum("error" in r for r, _ in rows))
+    except (KeyboardInterrupt, GPT2Error):
+        raise
+    except Exception as e:  # noqa: BLE001 -- Ray's wrapping of a remote failure: say it in one line
+        raise GPT2Error(job.one_line(e)) from None
     finally:
         if started_here:
             ray.shutdown()
 
 
-def check_every_node(ray, model_dir) -> None:
-    """Check MODEL_DIR on every node with CPUs before the job starts (the actors then skip the
-    SHA256SUMS check): one clear line naming each node where it is missing or differs."""
+def check_every_node(ray, model_dir) -> str:
+    """Check MODEL_DIR on every node with CPUs before the job starts: present, loadable, equal to
+    its SHA256SUMS, and that SHA256SUMS the same as the first node's (whose digest is returned;
+    actors, on nodes that join later too, check the same). One clear line naming the node if not."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from . import check_model_dir
+    from . import check_model_dir, sums_digest
 
     @ray.remote(num_cpus=0)
-    def check(path: str) -> str | None:
+    def check(path: str, expect: str | None) -> tuple[str | None, str]:
         try:
-            check_model_dir(path)
+            check_model_dir(path, expect_sums=expect)
         except GPT2Error as e:
-            return str(e)
-        return None
+            return str(e), ""
+        return None, sums_digest(path)
 
     nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
-    refs = [check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(str(model_dir))
-            for n in nodes]
-    errors = [e for e in ray.get(refs) if e]
+
+    def on(node):
+        return check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+
+    error, digest = ray.get(on(nodes[0]).remote(str(model_dir), None))  # the first node's copy is the reference
+    results = [(error, digest)] + (ray.get([on(n).remote(str(model_dir), digest) for n in nodes[1:]])
+                                   if error is None else [])
+    errors = [e for e, _ in results if e]
     if errors:
         more = f" (and on {len(errors) - 1} more of {len(nodes)} nodes)" if len(errors) > 1 else ""
         raise GPT2Error(errors[0] + more)
+    return digest
 
 
 def main() -> None:

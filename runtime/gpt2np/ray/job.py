@@ -21,7 +21,8 @@ from typing import Iterator
 
 from ..errors import GPT2Error
 
-CHUNK_LINES = 1000  # lines per parse task
+CHUNK_LINES = 1000  # lines per parse task, at most
+CHUNK_BYTES = 64 << 20  # bytes per parse task, about
 SHARD_ROWS = 10_000  # rows per output file
 COLUMNS = {"generate": "prompt", "score": "text"}
 
@@ -48,30 +49,39 @@ def input_files(source: str | Path) -> list[Path]:
     return [path]
 
 
-def plan(files: list[Path], chunk_lines: int = CHUNK_LINES) -> tuple[list[Chunk], int]:
-    """The chunks of every file, and the number of rows (non-blank lines)."""
+def plan(files: list[Path], chunk_lines: int = CHUNK_LINES,
+         chunk_bytes: int = CHUNK_BYTES) -> tuple[list[Chunk], int]:
+    """The chunks of every file (at most `chunk_lines` lines or about `chunk_bytes` bytes each),
+    and the number of rows (non-blank lines). Streams the files: memory stays of one line."""
     chunks, line, rows = [], 1, 0
     for path in files:
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as f:
+                start = pos = lines = 0
+                file_line = 1
+                for raw in f:  # binary files split at b"\n" only, as JSON lines do
+                    pos += len(raw)
+                    lines += 1
+                    rows += bool(raw.strip())
+                    if lines == chunk_lines or pos - start >= chunk_bytes:
+                        chunks.append(Chunk(str(path.resolve()), start, pos, line, file_line))
+                        line, file_line, start, lines = line + lines, file_line + lines, pos, 0
+                if lines:
+                    chunks.append(Chunk(str(path.resolve()), start, pos, line, file_line))
+                    line += lines
         except OSError as e:
             raise GPT2Error(f"cannot read {path}: {e.strerror}") from None
-        rows += sum(1 for raw in _lines(data) if raw.strip())
-        start, pos, lines, file_line = 0, 0, 0, 1
-        while pos < len(data):
-            nl = data.find(b"\n", pos)
-            pos = len(data) if nl < 0 else nl + 1
-            lines += 1
-            if lines == chunk_lines or pos == len(data):
-                chunks.append(Chunk(str(path.resolve()), start, pos, line, file_line))
-                line, file_line = line + lines, file_line + lines
-                start, lines = pos, 0
     return chunks, rows
 
 
-def parse_chunk(chunk: dict, column: str) -> Iterator[dict]:
-    """The rows of one chunk: `id` (JSON text), the prompt or text, the whole input object
-    (`_input`, JSON text) and `error` for a line that is not a usable JSON object."""
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_chunk(chunk: dict, column: str, reserved: tuple[str, ...] = ()) -> Iterator[dict]:
+    """The rows of one chunk: `_line` (its line number across the files), `id` (JSON text),
+    the prompt or text, the whole input object (`_input`, JSON text) and `error` for a line that
+    is not a usable JSON object. Input fields named like the results (`reserved`) are an error."""
     with open(chunk["path"], "rb") as f:
         f.seek(chunk["start"])
         data = f.read(chunk["end"] - chunk["start"])
@@ -79,25 +89,35 @@ def parse_chunk(chunk: dict, column: str) -> Iterator[dict]:
     for number, raw in enumerate(_lines(data), start=chunk["first_line"]):
         if not raw.strip():
             continue
-        row = {"id": json.dumps(number), column: None, "_input": None, "error": None}
+        where = f"{name}:{number - chunk['first_line'] + chunk['file_line']}"
+        row = {"_line": number, "id": json.dumps(number), column: None, "_input": None, "error": None}
         try:
-            obj = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            row["error"] = f"{name}:{number - chunk['first_line'] + chunk['file_line']}: not JSON ({e})"
+            obj = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        except UnicodeDecodeError as e:
+            row["error"] = f"{where}: not UTF-8 (byte {e.start})"
+            yield row
+            continue
+        except ValueError as e:
+            row["error"] = f"{where}: not JSON ({e})"
             yield row
             continue
         if not isinstance(obj, dict):
-            row["error"] = f"{name}:{number - chunk['first_line'] + chunk['file_line']}: not a JSON object"
+            row["error"] = f"{where}: not a JSON object"
+            yield row
+            continue
+        if obj.get("id") is not None:
+            row["id"] = json.dumps(obj["id"], ensure_ascii=False)
+        taken = [k for k in reserved if k in obj]
+        value = obj.get(column)
+        if taken:
+            row["error"] = f"{where}: the field {taken[0]!r} is a result's name; rename it"
+            obj = {k: v for k, v in obj.items() if k not in reserved}
+        elif isinstance(value, str):
+            row[column] = value
         else:
-            if "id" in obj:
-                row["id"] = json.dumps(obj["id"], ensure_ascii=False)
-            row["_input"] = json.dumps(obj, ensure_ascii=False)
-            value = obj.get(column)
-            if isinstance(value, str):
-                row[column] = value
-            else:
-                row["error"] = f'the row has no "{column}" string' if value is None else \
-                    f'"{column}" must be a string, not {type(value).__name__}'
+            row["error"] = f'{where}: no "{column}" string' if value is None else \
+                f'{where}: "{column}" must be a string, not {type(value).__name__}'
+        row["_input"] = json.dumps(obj, ensure_ascii=False)
         yield row
 
 
@@ -111,8 +131,12 @@ class OutputDir:
     """OUTPUT_DIR built in a hidden sibling and renamed into place when complete: it is never
     half-written. A non-empty OUTPUT_DIR is refused unless `force`, which replaces it whole."""
 
-    def __init__(self, path: str | Path, force: bool):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, force: bool, keep: tuple[str | Path, ...] = ()):
+        self.path = Path(path).resolve()
+        for other in keep:  # --force must never replace the input or the model
+            other = Path(other).resolve()
+            if other == self.path or self.path in other.parents:
+                raise GPT2Error(f"{path}: the output folder would hold {other}; choose another")
         if self.path.exists() and not self.path.is_dir():
             raise GPT2Error(f"{self.path}: exists and is not a folder")
         if self.path.is_dir() and any(self.path.iterdir()) and not force:
@@ -121,7 +145,8 @@ class OutputDir:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise GPT2Error(f"cannot create {self.path.parent}: {e.strerror}") from None
-        for stale in self.path.parent.glob(f".{self.path.name}.tmp-*"):  # a killed run's leftovers
+        for stale in [*self.path.parent.glob(f".{self.path.name}.tmp-*"),  # a killed run's leftovers
+                      *self.path.parent.glob(f".{self.path.name}.old-*")]:
             if not _alive(stale.name.rsplit("-", 1)[-1]):
                 shutil.rmtree(stale, ignore_errors=True)
         self.tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}"
@@ -171,23 +196,29 @@ def _alive(pid: str) -> bool:
         return True
 
 
-def output_rows(batch: dict, task: str) -> Iterator[tuple[dict, int]]:
-    """(output object, tokens) per row of a result batch: the input's fields with its `id`, and
-    the results (or `error`)."""
-    results = ("text", "ids", "finish_reason", "logprobs") if task == "generate" else ("n_tokens", "nll", "perplexity")
+RESULTS = {"generate": ("text", "ids", "finish_reason", "logprobs"), "score": ("n_tokens", "nll", "perplexity")}
+
+
+def output_rows(batch: dict, task: str) -> Iterator[tuple[int, dict, int]]:
+    """(line number, output object, tokens) per row of a result batch: the input's fields with
+    its `id`, and the results (or `error`)."""
+    results = RESULTS[task]
     columns = {k: (v.tolist() if hasattr(v, "tolist") else list(v)) for k, v in batch.items()}
     for i in range(len(columns["id"])):
+        line = int(columns["_line"][i])
         raw = columns["_input"][i]
         out = json.loads(raw) if isinstance(raw, str) else {}
         out["id"] = json.loads(columns["id"][i])
         error = columns["error"][i]
         if isinstance(error, str) and error:  # a column of Nones may come back as NaN
             out["error"] = error
-            yield out, 0
+            yield line, out, 0
             continue
         for name in results:
             out[name] = _plain(columns[name][i])
-        yield out, len(out["ids"]) if task == "generate" else out["n_tokens"]
+        if task == "score":  # an int column with a null in its batch comes back as floats
+            out["n_tokens"] = int(out["n_tokens"])
+        yield line, out, len(out["ids"]) if task == "generate" else out["n_tokens"]
 
 
 def _plain(value):
