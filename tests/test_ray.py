@@ -164,6 +164,28 @@ def test_gpt_batch_end_to_end(cluster, model, small_model_dir, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
 
 
+def test_progress_bar_on_a_terminal(cluster, small_model_dir, tmp_path):
+    import pty
+
+    write_corpus(tmp_path / "in", 12, bad=False)
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen([str(BIN / "gpt-batch"), str(small_model_dir), str(tmp_path / "in"), str(tmp_path / "out"),
+                             "--address", cluster.address, "-n", "4"], stdout=subprocess.PIPE, stderr=terminal)
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            data = os.read(controller, 4096)
+        except OSError:  # the process closed its end
+            break
+        if not data:
+            break
+        shown += data
+    assert proc.wait(timeout=120) == 0
+    os.close(controller)
+    assert b"12/12 rows" in shown and b"rows/s" in shown and b"tokens/s" in shown and b"gpt-batch: 12 rows" in shown
+
+
 def test_model_folder_missing_or_different_names_the_node(cluster, small_model_dir, tmp_path):
     write_corpus(tmp_path / "in", 4, bad=False)
     r = run_cli("gpt-batch", str(tmp_path / "nowhere"), str(tmp_path / "in"), str(tmp_path / "out"),
@@ -315,3 +337,18 @@ def test_input_plan_and_parse_agree_on_line_numbers(tmp_path):
 def test_row_seed_is_the_same_for_the_same_id_in_any_form():
     assert row_seed(5, 1) == row_seed(5, 1.0) == row_seed(5, np.int64(1)) != row_seed(5, "1")
     assert row_seed(5, "r1") != row_seed(6, "r1")
+
+
+def test_a_copy_whose_sha256sums_differs_from_the_first_nodes_is_refused(small_model_dir, tmp_path):
+    from gpt2np import GPT2Error
+    from gpt2np.ray import check_model_dir, sums_digest
+
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in Path(small_model_dir).iterdir():
+        (copy / f.name).symlink_to(f)
+    from gpt2np.integrity import file_sha256
+    (copy / "SHA256SUMS").write_text(f"{file_sha256(copy / 'config.json')}  config.json\n")
+    check_model_dir(copy, expect_sums=sums_digest(copy))  # self-consistent and the same: fine
+    with pytest.raises(GPT2Error, match="on node .*SHA256SUMS differs from the copy on the first node"):
+        check_model_dir(copy, expect_sums=sums_digest(small_model_dir))  # the other copy has none

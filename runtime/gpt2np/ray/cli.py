@@ -148,8 +148,8 @@ def check_every_node(ray, model_dir) -> str:
         return check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
 
     error, digest = ray.get(on(nodes[0]).remote(str(model_dir), None))  # the first node's copy is the reference
-    results = [(error, digest)] + (ray.get([on(n).remote(str(model_dir), digest) for n in nodes[1:]])
-                                   if error is None else [])
+    expect = digest if error is None else None
+    results = [(error, digest)] + ray.get([on(n).remote(str(model_dir), expect) for n in nodes[1:]])
     errors = [e for e, _ in results if e]
     if errors:
         more = f" (and on {len(errors) - 1} more of {len(nodes)} nodes)" if len(errors) > 1 else ""
