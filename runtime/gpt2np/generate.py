@@ -37,7 +37,12 @@ def check_ids(ids: Seq[int], config: GPT2Config) -> np.ndarray:
     """Token ids as an int64 array, each checked to be in the vocabulary."""
     try:
         arr = np.asarray(ids, dtype=np.int64).reshape(-1)
-    except (TypeError, ValueError, OverflowError):
+    except OverflowError:  # an integer past int64 is outside the vocabulary, not a non-integer
+        bad = next((i for i in ids if isinstance(i, int) and not -2**63 <= i < 2**63), None)
+        if bad is None:
+            raise GPT2Error("token ids must be integers") from None
+        raise GPT2Error(f"token id {bad} is outside the vocabulary (0..{config.vocab_size - 1})") from None
+    except (TypeError, ValueError):
         raise GPT2Error("token ids must be integers") from None
     if arr.size and not (0 <= arr.min() and arr.max() < config.vocab_size):
         bad = next(int(i) for i in arr if not 0 <= i < config.vocab_size)

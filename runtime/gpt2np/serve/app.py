@@ -152,15 +152,16 @@ def create_app(state: ServerState) -> FastAPI:
     async def health():
         return Response(status_code=200)
 
+    card = P.model_card(state.model_name, state.started, state.model.config.n_positions)
+
     @app.get("/v1/models")
     async def list_models():
-        return P.models([P.model_card(state.model_name, state.started, state.model.config.n_positions)])
+        return P.models([card])
 
     @app.get("/v1/models/{name:path}")
     async def get_model(name: str):
-        if name != state.model_name:
-            raise APIError(404, f"The model `{name}` does not exist", param="model", code="model_not_found")
-        return P.model_card(state.model_name, state.started, state.model.config.n_positions)
+        completions.check_model(name)
+        return card
 
     @app.post("/v1/completions")
     async def create_completion(req: CompletionRequest, request: Request):
@@ -188,19 +189,14 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
-        if req.model is not None and req.model != state.model_name:
-            raise APIError(404, f"The model `{req.model}` does not exist", param="model", code="model_not_found")
+        completions.check_model(req.model)
         tokens = await run_in_threadpool(state.model.encode, req.prompt, allowed_special=True)
         return {"count": len(tokens), "max_model_len": state.model.config.n_positions, "tokens": tokens}
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest):
-        if req.model is not None and req.model != state.model_name:
-            raise APIError(404, f"The model `{req.model}` does not exist", param="model", code="model_not_found")
-        bad = next((t for t in req.tokens if not 0 <= t < state.model.config.vocab_size), None)
-        if bad is not None:
-            raise APIError(400, f"token id {bad} is outside the vocabulary", param="tokens")
-        return {"prompt": state.model.decode(req.tokens)}
+        completions.check_model(req.model)
+        return {"prompt": state.model.decode(completions.token_ids(req.tokens, "tokens"))}
 
     @app.get("/metrics")
     async def metrics():

@@ -12,7 +12,7 @@ import json
 from typing import AsyncIterator
 
 from ..errors import GPT2Error
-from ..generate import Options, Sequence
+from ..generate import Options, Sequence, check_ids
 from . import protocol as P
 from .protocol import APIError, CompletionRequest
 from .worker import EngineWorker, QueueFull
@@ -38,12 +38,22 @@ class Completions:
             if isinstance(item, str):
                 out.append(self.model.encode(item, allowed_special=True) or [self.config.eos_token_id])
             else:
-                bad = next((t for t in item if not 0 <= t < self.config.vocab_size), None)
-                if bad is not None:
-                    raise APIError(400, f"token id {bad} in the prompt is outside the vocabulary "
-                                        f"(0..{self.config.vocab_size - 1})", param="prompt")
-                out.append(list(item))
+                out.append(self.token_ids(item, "prompt"))
         return out
+
+    def token_ids(self, ids: list[int], param: str) -> list[int]:
+        """Token ids from a request, checked against the vocabulary (400 naming `param` if not)."""
+        try:
+            check_ids(ids, self.config)
+        except GPT2Error as e:
+            raise APIError(400, str(e), param=param) from None
+        return list(ids)
+
+    def check_model(self, name: str | None) -> None:
+        """404 unless `name` is this server's model (None: the request did not say)."""
+        if name is not None and name != self.model_name:
+            raise APIError(404, f"The model `{name}` does not exist: this server serves `{self.model_name}`",
+                           param="model", code="model_not_found")
 
     def options(self, req: CompletionRequest, prompt_len: int, sample: int) -> Options:
         ctx = self.config.n_positions
@@ -79,9 +89,7 @@ class Completions:
             raise APIError(400, str(e)) from None
 
     def check(self, req: CompletionRequest) -> None:
-        if req.model != self.model_name:
-            raise APIError(404, f"The model `{req.model}` does not exist: this server serves `{self.model_name}`",
-                           param="model", code="model_not_found")
+        self.check_model(req.model)
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of is not supported (only best_of equal to n)", param="best_of")
         if req.suffix:
@@ -152,9 +160,10 @@ class Completions:
                 builder = LogprobsBuilder(self.tokenizer, seq, req)
                 lp = builder.all()
             choices.append(P.choice(seq.tag, text, lp, P.FINISH_REASONS.get(seq.result.stop_reason)))
-        return P.completion(rid, created, self.model_name, choices, self.usage(req, prompts, seqs))
+        return P.completion(rid, created, self.model_name, choices, self.usage(prompts, seqs))
 
-    def usage(self, req: CompletionRequest, prompts: list[list[int]], seqs: list[Sequence]) -> dict:
+    @staticmethod
+    def usage(prompts: list[list[int]], seqs: list[Sequence]) -> dict:
         return P.usage(sum(map(len, prompts)), sum(len(s.result.ids) for s in seqs))
 
     @staticmethod
@@ -189,7 +198,9 @@ class Completions:
                 body["usage"] = None
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-        builders = {s.tag: LogprobsBuilder(self.tokenizer, s, req) for s in seqs}
+        # Only echo and logprobs need the prompt's text and the token entries.
+        builders = {s.tag: LogprobsBuilder(self.tokenizer, s, req) for s in seqs} \
+            if req.echo or req.logprobs is not None else {}
         started: set[int] = set()
         left = len(seqs)
         try:
@@ -202,7 +213,7 @@ class Completions:
                     if failure:  # cancelled by the server's shutdown, or failed
                         out.append(failure)
                         continue
-                    b = builders[seq.tag]
+                    b = builders.get(seq.tag)
                     if seq.tag not in started:  # the prompt is read: echo it first
                         started.add(seq.tag)
                         if req.echo:
@@ -214,7 +225,7 @@ class Completions:
                 if out:
                     yield "".join(out)
             if include_usage:
-                body = P.completion(rid, created, self.model_name, [], self.usage(req, prompts, seqs))
+                body = P.completion(rid, created, self.model_name, [], self.usage(prompts, seqs))
                 yield f"data: {json.dumps(body)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
