@@ -18,7 +18,7 @@ import numpy as np
 from .config import GPT2Config
 from .errors import GPT2Error
 from .model import KVCache
-from .sampling import Sampling, choose, token_logprob, top_logprobs
+from .sampling import Sampling, choose, log_normalizer, token_logprob, top_logprobs
 from .tokenizer import Tokenizer
 
 STOP_REASONS = {
@@ -312,8 +312,9 @@ class Sequence:
         for j, row in enumerate(logits, start=first):
             if j + 1 >= len(prompt):
                 break
-            r.prompt_logprobs.append(token_logprob(row, prompt[j + 1]))
-            r.prompt_top_logprobs.append(top_logprobs(row, opts.prompt_logprobs) if opts.prompt_logprobs else {})
+            norm = log_normalizer(row)
+            r.prompt_logprobs.append(token_logprob(row, prompt[j + 1], norm))
+            r.prompt_top_logprobs.append(top_logprobs(row, opts.prompt_logprobs, norm) if opts.prompt_logprobs else {})
 
     def accept(self, logits: np.ndarray) -> tuple[int | None, str]:
         """Choose the next token from the logits of the last position; return it and the text it
@@ -329,9 +330,10 @@ class Sequence:
         z = self._adjusted(logits) if opts.adjusts_logits else logits
         token = choose(z, opts.sampling, self.rng)
         r.ids.append(token)
-        r.logprobs.append(token_logprob(logits, token))
+        norm = log_normalizer(logits)
+        r.logprobs.append(token_logprob(logits, token, norm))
         if opts.logprobs:
-            r.top_logprobs.append(top_logprobs(logits, opts.logprobs))
+            r.top_logprobs.append(top_logprobs(logits, opts.logprobs, norm))
         self.context.append(token)
         self.counts[token] = self.counts.get(token, 0) + 1
         if opts.stop_at_eos and token == self.config.eos_token_id:

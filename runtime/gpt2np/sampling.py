@@ -58,17 +58,24 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return z
 
 
-def token_logprob(logits: np.ndarray, token: int) -> float:
+def log_normalizer(logits: np.ndarray) -> tuple[np.floating, np.floating]:
+    """(max, log Σ exp(logits − max)): log p = logit − max − the second. Computed once per row for
+    `token_logprob` and `top_logprobs` together (it is a pass over the whole vocabulary)."""
+    top = logits.max()
+    return top, np.log(np.exp(logits - top).sum(dtype=np.float64))
+
+
+def token_logprob(logits: np.ndarray, token: int, norm: tuple | None = None) -> float:
     """log p of one token: the same value as log_softmax(logits)[token], without a float64 copy
-    of the whole vocabulary (this runs once per generated token)."""
-    top = logits.max()
-    return float(logits[token] - top - np.log(np.exp(logits - top).sum(dtype=np.float64)))
+    of the whole vocabulary (this runs once per generated token). `norm`: `log_normalizer(logits)`."""
+    top, log_sum = norm or log_normalizer(logits)
+    return float(logits[token] - top - log_sum)
 
 
-def top_logprobs(logits: np.ndarray, k: int) -> dict[int, float]:
+def top_logprobs(logits: np.ndarray, k: int, norm: tuple | None = None) -> dict[int, float]:
     """The k most likely tokens (ties by lower id) and their log-probabilities, most likely first."""
-    top = logits.max()
-    lse = float(top) + float(np.log(np.exp(logits - top).sum(dtype=np.float64)))
+    top, log_sum = norm or log_normalizer(logits)
+    lse = float(top) + float(log_sum)
     ids = _top(logits, k)
     return {int(i): float(logits[i]) - lse for i in ids}
 
