@@ -214,7 +214,12 @@ class Generation:
 
 
 class StopStrings:
-    """Passes text through, holding back any tail that might be the start of a stop string."""
+    """Passes text through, holding back any tail that might be the start of a stop string.
+
+    Generation stops at the stop string that is completed first (the earliest end; of those, the
+    earliest start), which a stream can decide as it goes: the result does not depend on how the
+    text is cut into pieces.
+    """
 
     def __init__(self, stops: Seq[str]):
         self.stops = list(stops)
@@ -223,10 +228,10 @@ class StopStrings:
     def feed(self, text: str) -> tuple[str, bool]:
         """(text now safe to show, whether a stop string was reached). The stop string is not shown."""
         text = self.held + text
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        hits = [(i + len(s), i) for s in self.stops if (i := text.find(s)) >= 0]
         if hits:
             self.held = ""
-            return text[:min(hits)], True
+            return text[:min(hits)[1]], True
         # The longest tail of the text that begins a stop string, longest first; only prefixes
         # that end in the text's last character are compared.
         last = text[-1:]
