@@ -44,12 +44,19 @@ class Score:
                 "perplexity": self.perplexity, "window": self.window, "stride": self.stride}
 
 
-def score(params: Params, config: GPT2Config, ids: list[int], stride: int | None = None) -> Score:
-    """Score token ids as the module docstring describes."""
+def check_stride(stride: int | None, config: GPT2Config) -> int:
+    """The sliding window's stride: `stride` if allowed (`GPT2Error` if not), else half the context."""
     window = config.n_positions
     stride = window // 2 if stride is None else stride
     if type(stride) is not int or not 1 <= stride < window:
         raise GPT2Error(f"stride must be a whole number from 1 to {window - 1}, got {stride!r}")
+    return stride
+
+
+def score(params: Params, config: GPT2Config, ids: list[int], stride: int | None = None) -> Score:
+    """Score token ids as the module docstring describes."""
+    window = config.n_positions
+    stride = check_stride(stride, config)
     if not ids:
         raise GPT2Error("there is nothing to score: the text has no tokens")
     seq = np.asarray([config.eos_token_id, *ids], dtype=np.int64)

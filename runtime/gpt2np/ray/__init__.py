@@ -43,6 +43,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import GPT2Error
+from ..score import check_stride
 
 __all__ = ["Generate", "Score", "row_seed", "check_model_dir", "sums_digest"]
 
@@ -193,10 +194,7 @@ class Score:
                  expect_sums: str | None = None):
         self.model = check_model_dir(model_dir, verify, expect_sums)
         self.stride, self.column = stride, column
-        if stride is not None:  # checked now, not at the first long text
-            n = self.model.config.n_positions
-            if type(stride) is not int or not 1 <= stride < n:
-                raise GPT2Error(f"stride must be a whole number from 1 to {n - 1}, got {stride!r}")
+        check_stride(stride, self.model.config)  # now, not at the first long text
 
     def __call__(self, batch: Mapping[str, Any]) -> dict:
         texts = _column(batch, self.column)
