@@ -53,7 +53,6 @@ class Engine:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self._ended: list[Sequence] = []  # done before they ran: reported at the next step
-        self.steps = 0
 
     def add(self, prompt_ids: list[int], options: Options, tag=None) -> Sequence:
         """Queue a prompt. Raises `GPT2Error` if it cannot run (nothing is queued then)."""
@@ -97,7 +96,6 @@ class Engine:
             if _guarded(s, events, "allocating its cache", s.admit)[0]:
                 self.running.append(s)
         if self.running:
-            self.steps += 1
             self._pass(events)
             self.running = [s for s in self.running if not s.done]
         return events
