@@ -45,7 +45,8 @@ BIN = Path(sys.executable).parent
 # ---------------------------------------------------------------------------------------------- setup
 def make_model(folder: Path, name: str) -> Path:
     """A model folder with random float32 weights at the real shapes of GPT-2 `name` (reused if present)."""
-    from gpt2np_convert.writer import atomic_output_dir, copy_file, write_safetensors
+    from gpt2np.outdir import atomic_output_dir
+    from gpt2np_convert.writer import copy_file, write_safetensors
 
     if (folder / "model.safetensors").exists():
         return folder

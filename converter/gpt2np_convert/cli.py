@@ -10,7 +10,7 @@ import click
 from gpt2np.cli import run_command
 
 from .download import DEFAULT_BASE_URL, canonical_model, default_cache_dir
-from .writer import check_output_dir
+from gpt2np.outdir import check_output_dir
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

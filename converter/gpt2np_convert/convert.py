@@ -9,10 +9,11 @@ from pathlib import Path
 import gpt2np
 from gpt2np import GPT2Error
 from gpt2np.integrity import SUMS_FILE, format_sums
+from gpt2np.outdir import atomic_output_dir
 
 from .checkpoint import Checkpoint
 from .download import FILES
-from .writer import atomic_output_dir, copy_file, write_file, write_safetensors
+from .writer import copy_file, write_file, write_safetensors
 
 FORMAT_VERSION = "1"
 

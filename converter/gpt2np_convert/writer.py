@@ -1,22 +1,19 @@
-"""Write a model folder: safetensors streamed tensor by tensor, the folder made whole atomically."""
+"""Write a model folder: safetensors streamed tensor by tensor (the folder is made whole atomically
+by `gpt2np.outdir`)."""
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 
 from gpt2np import GPT2Error
+from gpt2np.outdir import writing
 
 from .progress import Progress
 
@@ -37,15 +34,6 @@ def safetensors_header(shapes: dict[str, tuple[int, ...]], metadata: dict[str, s
     return len(raw).to_bytes(8, "little") + raw
 
 
-@contextmanager
-def _writing(path: Path):
-    """Name the file in write errors (a full disk, a file-size limit, a read-only place)."""
-    try:
-        yield
-    except OSError as e:
-        raise GPT2Error(f"cannot write {path}: {e.strerror or e}") from None
-
-
 def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], tensors: Iterable[tuple[str, np.ndarray]],
                       metadata: dict[str, str], progress: bool = True) -> str:
     """Write the header from `shapes`, then each tensor as it arrives, in the same order.
@@ -58,7 +46,7 @@ def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], tensors: I
     bar = Progress(path.name, total, enabled=progress)
     expected = iter(shapes.items())
     digest = hashlib.sha256()
-    with _writing(path), open(path, "wb") as f:
+    with writing(path), open(path, "wb") as f:
         header = safetensors_header(shapes, metadata)
         f.write(header)
         digest.update(header)
@@ -81,106 +69,11 @@ def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], tensors: I
 
 def write_file(path: Path, data: bytes) -> str:
     """Write `data` durably; return its SHA-256."""
-    with _writing(path), open(path, "wb") as f:
+    with writing(path), open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     return hashlib.sha256(data).hexdigest()
-
-
-def _is_empty_dir(path: Path) -> bool:
-    return path.is_dir() and not any(path.iterdir())
-
-
-def check_output_dir(out: Path, force: bool) -> None:
-    """`out` may be written: absent, an empty folder, or (with `force`) a folder to replace."""
-    if out.exists() and not out.is_dir():
-        raise GPT2Error(f"{out} exists and is not a folder")
-    if out.exists() and not _is_empty_dir(out) and not force:
-        raise GPT2Error(f"{out} already exists and is not empty (use --force to replace it)")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_temporaries(out: Path) -> None:
-    """Remove the temporary folders that killed conversions into `out` left behind.
-
-    They are named `.NAME.tmp-PID-…`: one whose process is gone is garbage. A live one belongs
-    to a conversion still running and is left alone.
-    """
-    parent = out.parent  # Path("out").parent is Path("."), never empty
-    for path in parent.glob(f".{out.name}.tmp-*"):
-        pid = path.name[len(f".{out.name}.tmp-"):].split("-")[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-@contextmanager
-def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary sibling of `out`; on success it takes the place of `out` at once.
-
-    On any failure the temporary folder is removed and `out` is as it was. An existing `out` is
-    replaced (with `force`) by an atomic exchange, so that `out` is at every moment either the
-    old complete folder or the new one, even if the process is killed. A non-empty `out` is
-    refused without `force`.
-    """
-    check_output_dir(out, force)
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(out)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the model folder should not be
-    except OSError as e:
-        raise GPT2Error(f"cannot create the output folder next to {out}: {e.strerror}") from None
-    try:
-        yield tmp
-        with _writing(out):
-            _fsync_dir(tmp)
-            if not out.exists():
-                os.replace(tmp, out)
-            elif not _exchange(tmp, out):  # no renameat2: move the old one aside first
-                os.replace(out, tmp / ".replaced")
-                os.replace(tmp, out)
-                shutil.rmtree(out / ".replaced", ignore_errors=True)
-            _fsync_dir(parent)
-    finally:
-        if tmp.exists():  # a failure, or the old folder after the exchange
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def copy_file(src: Path, dst: Path) -> str:

@@ -11,6 +11,7 @@ import click
 
 from ..cli import generation_options, run_command
 from ..errors import GPT2Error
+from ..outdir import atomic_output_dir
 from . import job
 
 
@@ -56,17 +57,18 @@ def batch(model_dir, input_path, output_dir, task, address, workers, threads_per
     if task == "generate" and stride is not None:
         raise click.UsageError("--stride applies to --task score only")
     chunks, total = job.plan(files)
-    out = job.OutputDir(output_dir, force, keep=(input_path, model_dir))
-    try:
-        progress = job.Progress(total, enabled=not quiet and sys.stderr.isatty())
-        run(model_dir, chunks, out, task, address, workers, threads_per_worker, batch_size, stride, options, progress)
-        elapsed = progress.finish()
+    out = job.output_folder(output_dir, force, keep=(input_path, model_dir))
+    with atomic_output_dir(out, force) as tmp:
+        shards = job.Shards(tmp)
+        try:
+            progress = job.Progress(total, enabled=not quiet and sys.stderr.isatty())
+            run(model_dir, chunks, shards, task, address, workers, threads_per_worker, batch_size, stride, options,
+                progress)
+            elapsed = progress.finish()
+        finally:
+            shards.close()
         if progress.rows != total:  # each row is written once: anything else is a lost row
             raise GPT2Error(f"{total - progress.rows} of {total} rows did not come back from Ray; nothing was written")
-        out.commit()
-    except BaseException:
-        out.abort()
-        raise
     print(f"gpt-batch: {progress.rows} rows ({progress.errors} errors, {progress.tokens} tokens) in "
           f"{elapsed:.1f} s -> {output_dir}", file=sys.stderr)
 

@@ -4,7 +4,7 @@ Input is planned on the driver: one fast pass over the files finds chunks of `CH
 and their first line numbers, so that a row's default id is its line number counted across the
 files in name order. Ray tasks parse the chunks (the input must be readable on every node, like
 the model folder), actors run `Generate` or `Score`, and the driver writes what comes back into
-shards of a temporary sibling of OUTPUT_DIR, renamed into place when every row is written.
+shards of a temporary sibling of OUTPUT_DIR (`gpt2np.outdir`), put in place when every row is written.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import GPT2Error
+from ..outdir import check_output_dir, writing
 
 CHUNK_LINES = 1000  # lines per parse task, at most
 CHUNK_BYTES = 64 << 20  # bytes per parse task, about
@@ -127,73 +127,42 @@ def _lines(data: bytes) -> list[bytes]:
     return lines[:-1] if lines and not lines[-1] else lines
 
 
-class OutputDir:
-    """OUTPUT_DIR built in a hidden sibling and renamed into place when complete: it is never
-    half-written. A non-empty OUTPUT_DIR is refused unless `force`, which replaces it whole."""
+def output_folder(path: str | Path, force: bool, keep: tuple[str | Path, ...] = ()) -> Path:
+    """OUTPUT_DIR resolved and checked as `gpt2np.outdir` checks any output folder, and never one
+    that is or holds INPUT or MODEL_DIR (which --force would replace)."""
+    out = Path(path).resolve()
+    for other in keep:
+        other = Path(other).resolve()
+        if other == out or out in other.parents:
+            raise GPT2Error(f"{path}: the output folder would hold {other}; choose another")
+    check_output_dir(out, force)
+    return out
 
-    def __init__(self, path: str | Path, force: bool, keep: tuple[str | Path, ...] = ()):
-        self.path = Path(path).resolve()
-        for other in keep:  # --force must never replace the input or the model
-            other = Path(other).resolve()
-            if other == self.path or self.path in other.parents:
-                raise GPT2Error(f"{path}: the output folder would hold {other}; choose another")
-        if self.path.exists() and not self.path.is_dir():
-            raise GPT2Error(f"{self.path}: exists and is not a folder")
-        if self.path.is_dir() and any(self.path.iterdir()) and not force:
-            raise GPT2Error(f"{self.path}: the output folder is not empty (--force replaces it)")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise GPT2Error(f"cannot create {self.path.parent}: {e.strerror}") from None
-        for stale in [*self.path.parent.glob(f".{self.path.name}.tmp-*"),  # a killed run's leftovers
-                      *self.path.parent.glob(f".{self.path.name}.old-*")]:
-            if not _alive(stale.name.rsplit("-", 1)[-1]):
-                shutil.rmtree(stale, ignore_errors=True)
-        self.tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}"
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir()
+
+class Shards:
+    """Rows written into a folder as JSON-lines files of SHARD_ROWS rows: part-00000.jsonl, ..."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
         self.shards, self.rows_in_shard, self.file = 0, 0, None
 
     def write(self, rows: list[dict]) -> None:
         for row in rows:
             if self.file is None:
-                self.file = open(self.tmp / f"part-{self.shards:05d}.jsonl", "w", encoding="utf-8")
+                self.file = open(self.folder / f"part-{self.shards:05d}.jsonl", "w", encoding="utf-8")
             self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
             self.rows_in_shard += 1
             if self.rows_in_shard == SHARD_ROWS:
-                self._close_shard()
+                self.close()
 
-    def _close_shard(self) -> None:
+    def close(self) -> None:
+        """End the current shard (durably); the next row starts a new one."""
         if self.file is not None:
-            self.file.flush()
-            os.fsync(self.file.fileno())
-            self.file.close()
+            with writing(Path(self.file.name)):
+                self.file.flush()
+                os.fsync(self.file.fileno())
+                self.file.close()
             self.file, self.rows_in_shard, self.shards = None, 0, self.shards + 1
-
-    def commit(self) -> None:
-        self._close_shard()
-        if self.path.is_dir():
-            old = self.path.parent / f".{self.path.name}.old-{os.getpid()}"
-            os.rename(self.path, old)
-            os.rename(self.tmp, self.path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(self.tmp, self.path)
-
-    def abort(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def _alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-        return True
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
 
 
 RESULTS = {"generate": ("text", "ids", "finish_reason", "logprobs"), "score": ("n_tokens", "nll", "perplexity")}
