@@ -110,7 +110,7 @@ def test_a_failure_inside_a_step_fails_only_its_sequence(model, monkeypatch):
     good = engine.add(model.encode("good"), Options(n_tokens=4, stop_at_eos=False))
     bad = engine.add(model.encode("bad"), Options(n_tokens=4, stop_at_eos=False))
 
-    def broken(logits):
+    def broken(logits, norm=None):
         raise FloatingPointError("injected")
 
     monkeypatch.setattr(bad, "accept", broken)

@@ -104,3 +104,14 @@ def test_forward_refuses_positions_beyond_the_context(small_model_dir):
     M.forward(model.params, model.config, np.arange(n), cache)
     with pytest.raises(ValueError, match="context"):
         M.forward(model.params, model.config, np.array([1]), cache)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 15, 100, 127, 128, 130])
+def test_matmul_pads_rows_without_changing_a_value(rows):
+    """Rows padded to a multiple of 8 give each row what the unpadded product gives it."""
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, 96), dtype=np.float32)
+    w = rng.standard_normal((96, 40), dtype=np.float32)
+    y = M.matmul(x, w)
+    assert y.shape == (rows, 40) and y.dtype == np.float32
+    np.testing.assert_allclose(y, x.astype(np.float64) @ w.astype(np.float64), rtol=1e-5, atol=1e-4)

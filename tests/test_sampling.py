@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from gpt2np import GPT2Error, Sampling
-from gpt2np.sampling import candidates, choose, log_softmax, token_logprob
+from gpt2np.sampling import candidates, choose, log_normalizer, log_normalizers, log_softmax, token_logprob
 
 
 def softmax64(z):
@@ -118,3 +118,38 @@ def test_token_logprob_equals_log_softmax(logits):
     for token in (0, int(np.argmax(logits)), 50256):
         # the subtraction of the maximum happens in float32: agreement to float32 precision
         assert token_logprob(logits, token) == pytest.approx(lp[token], rel=1e-6)
+
+
+@pytest.mark.parametrize("shape", ["flat", "peaked", "two-level"])
+@pytest.mark.parametrize("p", [0.3, 0.95])
+def test_top_p_is_exact_on_flat_and_peaked_logits(shape, p):
+    """A flat distribution (top-p keeps most of the vocabulary) and a peaked one (a few tokens)."""
+    rng = np.random.default_rng(5)
+    z = {"flat": rng.standard_normal(50257) * 0.01,
+         "peaked": np.where(np.arange(50257) % 997 == 0, 12.0, rng.standard_normal(50257)),
+         "two-level": np.where(rng.random(50257) < 0.1, 2.0, 0.0)}[shape].astype(np.float32)
+    expected, probs = nucleus(z, 0.8, p)
+    ids, q = candidates(z, Sampling(temperature=0.8, top_p=p))
+    assert set(ids.tolist()) == expected
+    np.testing.assert_allclose(q, probs[ids] / probs[ids].sum(), rtol=1e-9)
+
+
+def test_ties_at_the_cut_keep_the_lowest_ids():
+    z = np.zeros(1000, np.float32)
+    z[[5, 900]] = 3.0  # two clear leaders, then 998 tokens tied
+    ids, _ = candidates(z, Sampling(top_k=4))
+    assert ids.tolist() == [5, 900, 0, 1]
+    # top-p that needs exactly three of the tied tokens after the leaders
+    e = np.exp(np.float64(3.0))
+    need = (2 * e + 3) / (2 * e + 998)
+    ids, _ = candidates(z, Sampling(top_p=need - 1e-9))
+    assert ids.tolist() == [5, 900, 0, 1, 2]
+
+
+def test_log_normalizers_of_a_batch_equal_each_row(logits):
+    rows = np.stack([logits, logits * 0.1, -logits, np.full_like(logits, 7.0)])
+    tops, log_sums = log_normalizers(rows)
+    for row, top, log_sum in zip(rows, tops, log_sums):
+        assert (top, log_sum) == log_normalizer(row)
+        lp = log_softmax(row)
+        assert float(row[3] - top - log_sum) == pytest.approx(lp[3], rel=1e-6, abs=1e-6)

@@ -25,6 +25,7 @@ import numpy as np
 from .config import GPT2Config
 from .generate import Options, Sequence
 from .model import Params, lm_head, transformer
+from .sampling import log_normalizers
 from .tokenizer import Tokenizer
 
 _SCORE_ROWS = 256  # prompt logits for scoring are made this many rows at a time: [256, 50257] is 51 MB
@@ -113,15 +114,16 @@ class Engine:
                     continue
                 if len(s.pending) == 0:
                     ready.append((s, h[-1:]))
-            logits = lm_head(self.params, np.concatenate([h for _, h in ready])) if ready else ()
+            logits = lm_head(self.params, np.concatenate([h for _, h in ready])) if ready else np.empty((0, 0))
+            norms = zip(*log_normalizers(logits)) if ready else ()
         except Exception as e:  # noqa: BLE001 -- a failed pass fails its sequences, never the loop
             for s, _ in batch:
                 if not s.done:
                     s.fail(f"the forward pass failed: {type(e).__name__}: {e}")
                     events.append((s, None, ""))
             return
-        for (s, _), row in zip(ready, logits):  # one LM head product served them all
-            ok, chosen = _guarded(s, events, "choosing a token", s.accept, row)
+        for (s, _), row, norm in zip(ready, logits, norms):  # one LM head product served them all
+            ok, chosen = _guarded(s, events, "choosing a token", s.accept, row, norm)
             if ok:
                 events.append((s, *chosen))
 

@@ -321,9 +321,10 @@ class Sequence:
             r.prompt_logprobs.append(token_logprob(row, prompt[j + 1], norm))
             r.prompt_top_logprobs.append(top_logprobs(row, opts.prompt_logprobs, norm) if opts.prompt_logprobs else {})
 
-    def accept(self, logits: np.ndarray) -> tuple[int | None, str]:
+    def accept(self, logits: np.ndarray, norm: tuple | None = None) -> tuple[int | None, str]:
         """Choose the next token from the logits of the last position; return it and the text it
-        releases. A sequence that only scores its prompt (no new tokens) finishes here instead."""
+        releases. A sequence that only scores its prompt (no new tokens) finishes here instead.
+        `norm`: `log_normalizer(logits)`, if the caller made it (for a batch, in one pass)."""
         r, opts = self.result, self.options
         now = time.perf_counter()
         if not r.ids:
@@ -335,7 +336,7 @@ class Sequence:
         z = self._adjusted(logits) if opts.adjusts_logits else logits
         token = choose(z, opts.sampling, self.rng)
         r.ids.append(token)
-        norm = log_normalizer(logits)
+        norm = norm or log_normalizer(logits)
         r.logprobs.append(token_logprob(logits, token, norm))
         if opts.logprobs:
             r.top_logprobs.append(top_logprobs(logits, opts.logprobs, norm))

@@ -61,8 +61,17 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 def log_normalizer(logits: np.ndarray) -> tuple[np.floating, np.floating]:
     """(max, log Σ exp(logits − max)): log p = logit − max − the second. Computed once per row for
     `token_logprob` and `top_logprobs` together (it is a pass over the whole vocabulary)."""
-    top = logits.max()
-    return top, np.log(np.exp(logits - top).sum(dtype=np.float64))
+    (top,), (log_sum,) = log_normalizers(logits[None])
+    return top, log_sum
+
+
+def log_normalizers(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`log_normalizer` of each row of logits [N, V] (the arrays of the maxima and the log sums),
+    in one pass over all rows: a batch's rows cost a few large operations, not N small ones."""
+    top = logits.max(axis=-1, keepdims=True)
+    e = np.subtract(logits, top, dtype=np.float32)
+    np.exp(e, out=e)
+    return top[:, 0], np.log(e.sum(axis=-1, dtype=np.float64))
 
 
 def token_logprob(logits: np.ndarray, token: int, norm: tuple | None = None) -> float:
@@ -80,49 +89,70 @@ def top_logprobs(logits: np.ndarray, k: int, norm: tuple | None = None) -> dict[
     return {int(i): float(logits[i]) - lse for i in ids}
 
 
-def candidates(logits: np.ndarray, s: Sampling) -> tuple[np.ndarray, np.ndarray]:
-    """The tokens sampling may choose and their probabilities, most likely first.
+def allowed(logits: np.ndarray, s: Sampling) -> np.ndarray:
+    """A mask of the tokens sampling may choose: the top-k, then of those the smallest set of the
+    most likely whose probability (renormalised over the top-k) reaches top-p.
 
-    Ties are broken by token id, so the kept set is well defined.
+    Ties at either cut are broken by token id (lower first), so the set is well defined. It costs
+    one partition for top-k and one sort of the probabilities for top-p, whatever their shape:
+    a flat distribution, where top-p keeps most of the vocabulary, costs what a peaked one does.
     """
+    return _weights(logits, s)[1]
+
+
+def _weights(logits: np.ndarray, s: Sampling) -> tuple[np.ndarray, np.ndarray]:
+    """(w, keep): w_j = exp(z_j − max z) with z = logits / temperature in float64, the
+    probabilities up to one common factor, and the `allowed` mask. w is −1 where not allowed."""
+    z = logits.astype(np.float64)
+    z /= s.temperature if s.temperature else 1.0
+    w = z - z.max()
+    np.exp(w, out=w)
+    keep = np.ones(len(z), dtype=bool)
+    if s.top_k is not None and s.top_k < len(z):
+        keep = _largest(z, s.top_k)
+        w[~keep] = -1.0  # below every allowed weight (those are >= 0)
+    if s.top_p is not None and s.top_p < 1:
+        ranked = np.sort(w[keep] if s.top_k is not None else w)[::-1]
+        mass = np.cumsum(ranked)
+        n = min(int(np.searchsorted(mass, s.top_p * mass[-1])) + 1, len(mass))
+        keep = _largest(w, n, cut=ranked[n - 1])
+        w[~keep] = -1.0
+    return w, keep
+
+
+def _largest(v: np.ndarray, n: int, cut: float | None = None) -> np.ndarray:
+    """A mask of the n largest entries of v; of those equal to the n-th largest (`cut`, if the
+    caller knows it), the lowest indices."""
+    if n >= len(v):
+        return np.ones(len(v), dtype=bool)
+    if cut is None:
+        cut = np.partition(v, len(v) - n)[len(v) - n]
+    keep = v > cut
+    ties = np.flatnonzero(v == cut)[:n - int(np.count_nonzero(keep))]
+    keep[ties] = True
+    return keep
+
+
+def candidates(logits: np.ndarray, s: Sampling) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens sampling may choose, most likely first (ties by id), and their probabilities."""
     z = logits.astype(np.float64) / (s.temperature if s.temperature else 1.0)
-    n = len(z) if s.top_k is None else min(s.top_k, len(z))
-    if s.top_p is None or s.top_p == 1:
-        ids = _top(z, n)
-    else:
-        # top-p applies to the distribution left by top-k, renormalised.
-        pool = z if s.top_k is None else z[_top(z, n)]
-        total = np.exp(pool - z.max()).sum()
-        # Grow a sorted prefix until it holds top-p of the mass: no full sort of the vocabulary.
-        m = min(64, n)
-        while True:
-            ids = _top(z, m)
-            mass = np.cumsum(np.exp(z[ids] - z.max())) / total
-            if mass[-1] >= s.top_p or m == n:
-                break
-            m = min(2 * m, n)
-        ids = ids[:min(int(np.searchsorted(mass, s.top_p)) + 1, len(ids))]
+    ids = np.flatnonzero(allowed(logits, s))
+    ids = ids[np.lexsort((ids, -z[ids]))]
     p = np.exp(z[ids] - z[ids[0]])
     return ids, p / p.sum()
 
 
 def _top(z: np.ndarray, m: int) -> np.ndarray:
     """The m largest entries of z, largest first, ties by lower index."""
-    if m < len(z):
-        part = np.argpartition(-z, m - 1)[:m]
-        threshold = z[part].min()
-        part = np.flatnonzero(z >= threshold)  # every tie at the threshold, so the cut is exact
-    else:
-        part = np.arange(len(z))
-    order = np.lexsort((part, -z[part]))
-    return part[order][:m]
+    ids = np.flatnonzero(_largest(z, m))
+    return ids[np.lexsort((ids, -z[ids]))]
 
 
 def choose(logits: np.ndarray, s: Sampling, rng: np.random.Generator | None) -> int:
-    """The next token: argmax (lowest id on ties) if greedy, else a draw from `candidates`.
+    """The next token: argmax (lowest id on ties) if greedy, else a draw from the `allowed` tokens.
 
     The draw is an exponential race: every token id j gets its own E_j ~ Exp(1) from the seeded
-    stream, and the winner is the candidate with the largest z_j/T - log E_j, which is token j with
+    stream, and the winner is the allowed token with the largest z_j/T - log E_j, which is token j with
     probability p_j exactly. Unlike inverting a cumulative sum over the tokens sorted by
     probability, the result does not hinge on the order of nearly equal logits: the last-bit
     differences between a sequence decoded alone and in a batch (different BLAS paths) leave a
@@ -131,9 +161,6 @@ def choose(logits: np.ndarray, s: Sampling, rng: np.random.Generator | None) -> 
     if s.greedy:
         return int(np.argmax(logits))
     race = rng.standard_exponential(len(logits))
-    np.log(race, out=race)
-    if s.top_k is None and (s.top_p is None or s.top_p == 1):  # nothing is filtered: no sort needed
-        score = logits / (s.temperature if s.temperature else 1.0) - race
-        return int(np.argmax(score))
-    ids, p = candidates(logits, s)
-    return int(ids[np.argmax(np.log(p) - race[ids])])
+    w, _ = _weights(logits, s)
+    # argmax of z_j − log E_j is argmax of w_j / E_j: the same race without a logarithm.
+    return int(np.argmax(np.divide(w, race, out=race)))

@@ -1,0 +1,147 @@
+"""The engines `make bench` compares gpt2np with, each driven the same way on the same weights.
+
+- CTranslate2 (float32 and int8), converted from a gpt2np model folder by its own spec API: the
+  same mapping as CTranslate2's OpenAI GPT-2 converter, reading safetensors instead of TensorFlow.
+- Hugging Face transformers (torch CPU), which reads a gpt2np folder as it is.
+
+Each runner has the same four calls, timed by bench.py with the same clock and the same prompts:
+`generate(prompts, n)` (greedy, exactly n new tokens per prompt, prompts read together),
+and `score(windows)` (log-probabilities of every token of each window). A peer that is not
+installed is skipped; `available()` says which are.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from gpt2np.weights import SafetensorsFile
+
+
+def available() -> list[str]:
+    names = []
+    if importlib.util.find_spec("ctranslate2"):
+        names += ["ctranslate2-float32", "ctranslate2-int8"]
+    if importlib.util.find_spec("torch") and importlib.util.find_spec("transformers"):
+        names.append("transformers")
+    return names
+
+
+class Runner:
+    name: str
+
+    def generate(self, prompts: list[list[int]], n: int) -> list[list[int]]:
+        raise NotImplementedError
+
+    def score(self, windows: list[list[int]]) -> list[list[float]]:
+        """log p(w[i] | w[:i]) for i >= 1 of each window."""
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------------ CTranslate2
+def ctranslate2_folder(folder: Path, out: Path) -> Path:
+    """CTranslate2's model directory for the gpt2np folder `folder` (made once, float32 on disk)."""
+    import ctranslate2
+    from ctranslate2.converters.converter import Converter
+    from ctranslate2.specs import common_spec, transformer_spec
+
+    if (out / "model.bin").exists():
+        return out
+    config = json.loads((folder / "config.json").read_text())
+    weights = {k.removeprefix("transformer."): np.asarray(v)
+               for k, v in SafetensorsFile(folder / "model.safetensors").tensors.items()}
+    vocab = json.loads((folder / "vocab.json").read_text())
+
+    class FromFolder(Converter):
+        def _load(self):
+            spec = transformer_spec.TransformerDecoderModelSpec.from_config(
+                config["n_layer"], config["n_head"], pre_norm=True, activation=common_spec.Activation.GELUTanh)
+            d = spec.decoder
+            d.embeddings.weight = weights["wte.weight"]
+            d.position_encodings.encodings = weights["wpe.weight"]
+            d.scale_embeddings = False
+            d.projection.weight = d.embeddings.weight
+            d.layer_norm.gamma, d.layer_norm.beta = weights["ln_f.weight"], weights["ln_f.bias"]
+            for i, layer in enumerate(d.layer):
+                def lin(s, name):  # HF Conv1D stores [in, out]; CTranslate2 wants [out, in]
+                    s.weight, s.bias = weights[f"h.{i}.{name}.weight"].T.copy(), weights[f"h.{i}.{name}.bias"]
+
+                def ln(s, name):
+                    s.gamma, s.beta = weights[f"h.{i}.{name}.weight"], weights[f"h.{i}.{name}.bias"]
+                ln(layer.self_attention.layer_norm, "ln_1")
+                lin(layer.self_attention.linear[0], "attn.c_attn")
+                lin(layer.self_attention.linear[1], "attn.c_proj")
+                ln(layer.ffn.layer_norm, "ln_2")
+                lin(layer.ffn.linear_0, "mlp.c_fc")
+                lin(layer.ffn.linear_1, "mlp.c_proj")
+            spec.config.unk_token = spec.config.bos_token = spec.config.eos_token = "<|endoftext|>"
+            spec.register_vocabulary([t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])])
+            return spec
+
+    del ctranslate2
+    FromFolder().convert(str(out), force=True)
+    return out
+
+
+class CTranslate2(Runner):
+    def __init__(self, ct2_folder: Path, vocab: list[str], compute_type: str, threads: int):
+        import ctranslate2
+        self.name = f"CTranslate2 {ctranslate2.__version__} {compute_type}"
+        self.vocab = vocab
+        self.index = {t: i for i, t in enumerate(vocab)}
+        self.generator = ctranslate2.Generator(str(ct2_folder), device="cpu", compute_type=compute_type,
+                                               intra_threads=threads, inter_threads=1)
+
+    def generate(self, prompts, n):
+        tokens = [[self.vocab[i] for i in p] for p in prompts]
+        out = self.generator.generate_batch(tokens, max_length=n, min_length=n, sampling_topk=1,
+                                            include_prompt_in_result=False, max_batch_size=0)
+        return [r.sequences_ids[0] for r in out]
+
+    def score(self, windows):
+        out = self.generator.score_batch([[self.vocab[i] for i in w] for w in windows])
+        return [r.log_probs for r in out]
+
+
+# ----------------------------------------------------------------------------------- transformers
+class Transformers(Runner):
+    def __init__(self, folder: Path, threads: int):
+        import torch
+        import transformers
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.name = f"transformers {transformers.__version__} (torch {torch.__version__.split('+')[0]} CPU)"
+        self.model = transformers.GPT2LMHeadModel.from_pretrained(str(folder), torch_dtype=torch.float32).eval()
+
+    def generate(self, prompts, n):
+        torch = self.torch
+        with torch.inference_mode():
+            out = self.model.generate(torch.tensor(prompts), attention_mask=torch.ones(len(prompts), len(prompts[0]), dtype=torch.long),
+                                      max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=50256)
+        return out[:, len(prompts[0]):].tolist()
+
+    def score(self, windows):
+        torch = self.torch
+        res = []
+        with torch.inference_mode():
+            for w in windows:
+                logits = self.model(torch.tensor([w])).logits[0, :-1]
+                lp = torch.log_softmax(logits, -1).gather(1, torch.tensor(w[1:])[:, None])[:, 0]
+                res.append(lp.tolist())
+        return res
+
+
+def load(name: str, folder: Path, cache: Path, threads: int) -> Runner:
+    if name.startswith("ctranslate2"):
+        vocab = [t for t, _ in sorted(json.loads((folder / "vocab.json").read_text()).items(), key=lambda kv: kv[1])]
+        return CTranslate2(ctranslate2_folder(folder, cache), vocab, name.split("-")[1], threads)
+    if name == "transformers":
+        return Transformers(folder, threads)
+    raise ValueError(name)
+
+
+__all__ = ["available", "load", "Runner", "os"]
