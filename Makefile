@@ -8,7 +8,7 @@ PROMPT ?= Alan Turing theorized that computers would one day
 N      ?= 50
 MODELS ?= models
 
-.PHONY: install run serve test fuzz bench bench-serve bench-ray deploy-check clean
+.PHONY: install run serve test fuzz bench bench-peers bench-serve bench-ray deploy-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,10 +37,17 @@ test: install
 fuzz: install
 	GPT2NP_FUZZ_EXAMPLES=$${GPT2NP_FUZZ_EXAMPLES:-20000} $(BIN)/python -m pytest -q tests/test_fuzz.py
 
-## bench: speed against this machine's ceilings; writes bench/results/{RESULTS.md,results.json,bench.png}
+## bench: speed against this machine's ceilings, then beside CTranslate2 and transformers if installed
+##        (see bench-peers); writes bench/results/{RESULTS.md,PEERS.md} with their .json and .png
 bench: install
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+	$(BIN)/python bench/peers_bench.py
+
+## bench-peers: install CTranslate2 and transformers (torch CPU), then gpt2np beside them; writes bench/results/PEERS.md
+bench-peers: install
+	$(BIN)/pip install --quiet -e '.[bench,bench-peers]'
+	$(BIN)/python bench/peers_bench.py $(BENCH_ARGS)
 
 ## bench-serve: gpt-serve under load on loopback; writes bench/results/{SERVE.md,serve.json}
 bench-serve: install

@@ -4,17 +4,19 @@
   same mapping as CTranslate2's OpenAI GPT-2 converter, reading safetensors instead of TensorFlow.
 - Hugging Face transformers (torch CPU), which reads a gpt2np folder as it is.
 
-Each runner has the same four calls, timed by bench.py with the same clock and the same prompts:
-`generate(prompts, n)` (greedy, exactly n new tokens per prompt, prompts read together),
-and `score(windows)` (log-probabilities of every token of each window). A peer that is not
-installed is skipped; `available()` says which are.
+Every runner, gpt2np's own included, has the same calls, timed by peers_bench.py with the same
+clock and the same prompts: `generate(prompts, n, sample)` (exactly n new tokens per prompt, the
+prompts decoded together; greedy, or temperature 0.8 with top-p 0.95) and `score(ids)` (the
+log-probability of every token, by gpt2np's method: `<|endoftext|>` first, windows of 1024 tokens
+that advance by 512, each token scored once, in the first window that holds it). A peer that is not installed is
+skipped; `available()` says which are.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,7 @@ from gpt2np.weights import SafetensorsFile
 
 
 def available() -> list[str]:
-    names = []
+    names = ["gpt2np"]
     if importlib.util.find_spec("ctranslate2"):
         names += ["ctranslate2-float32", "ctranslate2-int8"]
     if importlib.util.find_spec("torch") and importlib.util.find_spec("transformers"):
@@ -34,12 +36,51 @@ def available() -> list[str]:
 class Runner:
     name: str
 
-    def generate(self, prompts: list[list[int]], n: int) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], n: int, sample: bool = False) -> list[list[int]]:
         raise NotImplementedError
 
-    def score(self, windows: list[list[int]]) -> list[list[float]]:
+    def decode_ms(self, prompt: list[int], n: int) -> float:
+        """Greedy decoding of one prompt: ms per token from the first new token to the n-th."""
+        raise NotImplementedError
+
+    def score(self, ids: list[int]) -> list[float]:
+        out, scored = [], 1
+        for begin, window in windows(ids):
+            out += self.score_windows([window])[0][scored - begin - 1:]
+            scored = begin + len(window)
+        return out
+
+    def score_windows(self, windows: list[list[int]]) -> list[list[float]]:
         """log p(w[i] | w[:i]) for i >= 1 of each window."""
         raise NotImplementedError
+
+
+def windows(ids: list[int], size: int = 1024, stride: int = 512):
+    """(start, tokens) of each window gpt2np.score reads, over [<|endoftext|>, *ids]."""
+    seq, begin = [50256, *ids], 0
+    while True:
+        yield begin, seq[begin:begin + size]
+        if begin + size >= len(seq):
+            return
+        begin += stride
+
+
+class GPT2NP(Runner):
+    def __init__(self, folder: Path):
+        import gpt2np
+        self.name = f"gpt2np {gpt2np.__version__}"
+        self.model = gpt2np.load(folder)
+
+    def generate(self, prompts, n, sample=False):
+        kw = dict(temperature=0.8, top_p=0.95, seed=1) if sample else {}
+        return [g.ids for g in self.model.generate_batch(prompts, n, stop_at_eos=False, **kw)]
+
+    def decode_ms(self, prompt, n):
+        g = self.model.complete(prompt, n, stop_at_eos=False)
+        return g.decode_s / (len(g.ids) - 1) * 1000
+
+    def score(self, ids):
+        return self.model.score(ids).logprobs
 
 
 # ------------------------------------------------------------------------------------ CTranslate2
@@ -96,13 +137,19 @@ class CTranslate2(Runner):
         self.generator = ctranslate2.Generator(str(ct2_folder), device="cpu", compute_type=compute_type,
                                                intra_threads=threads, inter_threads=1)
 
-    def generate(self, prompts, n):
+    def generate(self, prompts, n, sample=False):
         tokens = [[self.vocab[i] for i in p] for p in prompts]
-        out = self.generator.generate_batch(tokens, max_length=n, min_length=n, sampling_topk=1,
-                                            include_prompt_in_result=False, max_batch_size=0)
+        kw = dict(sampling_topk=0, sampling_topp=0.95, sampling_temperature=0.8) if sample else dict(sampling_topk=1)
+        out = self.generator.generate_batch(tokens, max_length=n, min_length=n, include_prompt_in_result=False,
+                                            max_batch_size=0, **kw)
         return [r.sequences_ids[0] for r in out]
 
-    def score(self, windows):
+    def decode_ms(self, prompt, n):
+        times = [time.perf_counter() for _ in self.generator.generate_tokens(
+            [self.vocab[i] for i in prompt], max_length=n, min_length=n, sampling_topk=1, end_token=[])]
+        return (times[-1] - times[0]) / (len(times) - 1) * 1000
+
+    def score_windows(self, windows):
         out = self.generator.score_batch([[self.vocab[i] for i in w] for w in windows])
         return [r.log_probs for r in out]
 
@@ -117,14 +164,34 @@ class Transformers(Runner):
         self.name = f"transformers {transformers.__version__} (torch {torch.__version__.split('+')[0]} CPU)"
         self.model = transformers.GPT2LMHeadModel.from_pretrained(str(folder), torch_dtype=torch.float32).eval()
 
-    def generate(self, prompts, n):
+    def generate(self, prompts, n, sample=False):
         torch = self.torch
+        kw = dict(do_sample=True, temperature=0.8, top_p=0.95, top_k=0) if sample else dict(do_sample=False)
         with torch.inference_mode():
-            out = self.model.generate(torch.tensor(prompts), attention_mask=torch.ones(len(prompts), len(prompts[0]), dtype=torch.long),
-                                      max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=50256)
+            out = self.model.generate(torch.tensor(prompts), attention_mask=torch.ones_like(torch.tensor(prompts)),
+                                      max_new_tokens=n, min_new_tokens=n, pad_token_id=50256, **kw)
         return out[:, len(prompts[0]):].tolist()
 
-    def score(self, windows):
+    def decode_ms(self, prompt, n):
+        import transformers
+
+        class Clock(transformers.generation.streamers.BaseStreamer):
+            times: list[float] = []
+
+            def put(self, value):
+                self.times.append(time.perf_counter())
+
+            def end(self):
+                pass
+        clock = Clock()
+        clock.times = []
+        with self.torch.inference_mode():
+            self.model.generate(self.torch.tensor([prompt]), attention_mask=self.torch.ones(1, len(prompt), dtype=self.torch.long),
+                                max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=50256, streamer=clock)
+        times = clock.times[1:]  # the first put is the prompt itself
+        return (times[-1] - times[0]) / (len(times) - 1) * 1000
+
+    def score_windows(self, windows):
         torch = self.torch
         res = []
         with torch.inference_mode():
@@ -136,6 +203,8 @@ class Transformers(Runner):
 
 
 def load(name: str, folder: Path, cache: Path, threads: int) -> Runner:
+    if name == "gpt2np":
+        return GPT2NP(folder)
     if name.startswith("ctranslate2"):
         vocab = [t for t, _ in sorted(json.loads((folder / "vocab.json").read_text()).items(), key=lambda kv: kv[1])]
         return CTranslate2(ctranslate2_folder(folder, cache), vocab, name.split("-")[1], threads)
@@ -143,5 +212,3 @@ def load(name: str, folder: Path, cache: Path, threads: int) -> Runner:
         return Transformers(folder, threads)
     raise ValueError(name)
 
-
-__all__ = ["available", "load", "Runner", "os"]

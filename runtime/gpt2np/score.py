@@ -19,7 +19,7 @@ import numpy as np
 from .config import GPT2Config
 from .errors import GPT2Error
 from .model import KVCache, Params, lm_head, transformer
-from .sampling import log_softmax
+from .sampling import log_normalizers
 
 _ROWS_PER_HEAD_PRODUCT = 256  # logits are made this many rows at a time: [256, 50257] is 51 MB
 
@@ -68,7 +68,8 @@ def score(params: Params, config: GPT2Config, ids: list[int], stride: int | None
         # The hidden state at position j predicts seq[j + 1].
         for lo in range(scored, end, _ROWS_PER_HEAD_PRODUCT):
             hi = min(lo + _ROWS_PER_HEAD_PRODUCT, end)
-            lp = log_softmax(lm_head(params, h[lo - 1 - begin:hi - 1 - begin]))
-            logprobs += lp[np.arange(hi - lo), seq[lo:hi]].tolist()
+            logits = lm_head(params, h[lo - 1 - begin:hi - 1 - begin])
+            top, log_sum = log_normalizers(logits)
+            logprobs += (logits[np.arange(hi - lo), seq[lo:hi]] - top - log_sum).tolist()
         scored, begin = end, begin + stride
     return Score(ids=list(ids), logprobs=logprobs, stride=stride, window=window)
