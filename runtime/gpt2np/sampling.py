@@ -101,10 +101,10 @@ def allowed(logits: np.ndarray, s: Sampling) -> np.ndarray:
 
 
 def _weights(logits: np.ndarray, s: Sampling) -> tuple[np.ndarray, np.ndarray]:
-    """(w, keep): w_j = exp(z_j − max z) with z = logits / temperature in float64, the
-    probabilities up to one common factor, and the `allowed` mask. w is −1 where not allowed."""
-    z = logits.astype(np.float64)
-    z /= s.temperature if s.temperature else 1.0
+    """(w, keep): w_j = exp(z_j − max z) with z = logits / temperature, the probabilities up to
+    one common factor (in float32, as the logits; their sums in float64), and the `allowed`
+    mask. w is −1 where not allowed."""
+    z = logits / np.float32(s.temperature if s.temperature else 1.0)
     w = z - z.max()
     np.exp(w, out=w)
     keep = np.ones(len(z), dtype=bool)
@@ -113,7 +113,7 @@ def _weights(logits: np.ndarray, s: Sampling) -> tuple[np.ndarray, np.ndarray]:
         w[~keep] = -1.0  # below every allowed weight (those are >= 0)
     if s.top_p is not None and s.top_p < 1:
         ranked = np.sort(w[keep] if s.top_k is not None else w)[::-1]
-        mass = np.cumsum(ranked)
+        mass = np.cumsum(ranked, dtype=np.float64)
         n = min(int(np.searchsorted(mass, s.top_p * mass[-1])) + 1, len(mass))
         keep = _largest(w, n, cut=ranked[n - 1])
         w[~keep] = -1.0
