@@ -30,29 +30,44 @@ def _gelu(x):
 
 
 def _attn(x, p, h, n_head):
+    """(output [T, E], softmax probabilities [n_head, T, T])."""
     T, E = x.shape
     c = _conv1d(x, p[h + "attn/c_attn/w"], p[h + "attn/c_attn/b"])
     q, k, v = (tf.transpose(tf.reshape(t, [T, n_head, E // n_head]), [1, 0, 2]) for t in tf.split(c, 3, axis=-1))
     w = tf.matmul(q, k, transpose_b=True) * tf.math.rsqrt(tf.cast(E // n_head, tf.float32))
     b = tf.linalg.band_part(tf.ones([T, T]), -1, 0)  # causal mask, as attention_mask() in model.py
     w = w * b - tf.cast(1e10, w.dtype) * (1 - b)
-    a = tf.matmul(tf.nn.softmax(w, axis=-1), v)
+    probs = tf.nn.softmax(w, axis=-1)
+    a = tf.matmul(probs, v)
     a = tf.reshape(tf.transpose(a, [1, 0, 2]), [T, E])
-    return _conv1d(a, p[h + "attn/c_proj/w"], p[h + "attn/c_proj/b"])
+    return _conv1d(a, p[h + "attn/c_proj/w"], p[h + "attn/c_proj/b"]), probs
+
+
+def internals(weights: dict[str, np.ndarray], hparams: dict, ids):
+    """(hidden states [n_layer + 1, T, E] as Hugging Face defines them: the embeddings, each
+    block's output, the last after ln_f; attention probabilities [n_layer, n_head, T, T];
+    logits [T, n_vocab])."""
+    p = {k: tf.constant(v) for k, v in weights.items()}
+    ids = tf.constant(np.asarray(ids, dtype=np.int32))
+    x = tf.gather(p["model/wte"], ids) + p["model/wpe"][: ids.shape[0]]
+    hidden, attentions = [x], []
+    for i in range(hparams["n_layer"]):
+        h = f"model/h{i}/"
+        a, probs = _attn(_norm(x, p[h + "ln_1/g"], p[h + "ln_1/b"]), p, h, hparams["n_head"])
+        x = x + a
+        m = _gelu(_conv1d(_norm(x, p[h + "ln_2/g"], p[h + "ln_2/b"]), p[h + "mlp/c_fc/w"], p[h + "mlp/c_fc/b"]))
+        x = x + _conv1d(m, p[h + "mlp/c_proj/w"], p[h + "mlp/c_proj/b"])
+        hidden.append(x)
+        attentions.append(probs)
+    x = _norm(x, p["model/ln_f/g"], p["model/ln_f/b"])
+    hidden[-1] = x
+    logits = tf.matmul(x, p["model/wte"], transpose_b=True)
+    return np.stack([t.numpy() for t in hidden]), np.stack([t.numpy() for t in attentions]), logits.numpy()
 
 
 def logits(weights: dict[str, np.ndarray], hparams: dict, ids) -> np.ndarray:
     """Logits [T, n_vocab] for every position of `ids`."""
-    p = {k: tf.constant(v) for k, v in weights.items()}
-    ids = tf.constant(np.asarray(ids, dtype=np.int32))
-    x = tf.gather(p["model/wte"], ids) + p["model/wpe"][: ids.shape[0]]
-    for i in range(hparams["n_layer"]):
-        h = f"model/h{i}/"
-        x = x + _attn(_norm(x, p[h + "ln_1/g"], p[h + "ln_1/b"]), p, h, hparams["n_head"])
-        m = _gelu(_conv1d(_norm(x, p[h + "ln_2/g"], p[h + "ln_2/b"]), p[h + "mlp/c_fc/w"], p[h + "mlp/c_fc/b"]))
-        x = x + _conv1d(m, p[h + "mlp/c_proj/w"], p[h + "mlp/c_proj/b"])
-    x = _norm(x, p["model/ln_f/g"], p["model/ln_f/b"])
-    return tf.matmul(x, p["model/wte"], transpose_b=True).numpy()
+    return internals(weights, hparams, ids)[2]
 
 
 def greedy(weights: dict[str, np.ndarray], hparams: dict, ids, n_tokens: int):

@@ -23,14 +23,16 @@ from .errors import GPT2Error
 from .engine import Engine
 from .generate import STOP_REASONS, Generation, Options, check_ids
 from .generate import Sequence as GenerationSequence
+from . import reference
 from .model import KVCache, Params, forward
+from .reference import Trace
 from .sampling import Sampling
 from .score import Score, score
 from .tokenizer import Tokenizer
 from .weights import load_gpt2_weights
 
 __all__ = ["Engine", "GPT2", "GPT2Config", "GPT2Error", "Generation", "Options", "STOP_REASONS", "Sampling", "Score", "TextStream",
-           "Tokenizer", "load", "load_tokenizer"]
+           "Tokenizer", "Trace", "load", "load_tokenizer"]
 __version__ = "0.1.0"
 
 MODEL_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")
@@ -129,6 +131,18 @@ class GPT2:
         if not 0 < len(arr) <= self.config.n_positions:
             raise GPT2Error(f"logits needs 1 to {self.config.n_positions} tokens, got {len(arr)}")
         return forward(self.params, self.config, arr, KVCache(self.config, len(arr)), all_logits=True)
+
+    def trace(self, ids: str | Sequence[int]) -> Trace:
+        """The inside of one forward pass over `ids` (text, or 1 to n_positions token ids):
+        `Trace.hidden_states` [n_layer + 1, T, n_embd] (the embeddings, then each block's output,
+        the last one after `ln_f`, as Hugging Face defines them), `Trace.attentions`
+        [n_layer, n_head, T, T] (softmax probabilities, zero above the diagonal) and
+        `Trace.logits` [T, vocab_size], all float32. It runs `gpt2np.reference`, the plain
+        full-recompute forward pass that reads like the math (its logits equal `logits(ids)`)."""
+        arr = check_ids(self.encode(ids) if isinstance(ids, str) else ids, self.config)
+        if not 0 < len(arr) <= self.config.n_positions:
+            raise GPT2Error(f"trace needs 1 to {self.config.n_positions} tokens, got {len(arr)}")
+        return reference.trace(self.params, self.config, arr)
 
     def _ids(self, ids: Sequence[int]) -> list[int]:
         """Token ids given by the caller, checked against the vocabulary, as Python ints."""

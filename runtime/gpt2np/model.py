@@ -1,7 +1,15 @@
-"""GPT-2's forward pass as small pure functions over float32 NumPy arrays, with a KV cache.
+"""GPT-2's forward pass, fast: small functions over float32 NumPy arrays, with a KV cache and
+batches of sequences in one pass.
 
-Shapes: T new positions, S = positions so far (cache + new), E = n_embd, H = n_head, D = E / H.
-Every constant is float32 so that NumPy never silently promotes activations to float64.
+`reference.py` is the same model written to read like the math (full recompute, one sequence,
+nothing in place); the tests prove the two equal. This one differs only in how it computes:
+keys and values are cached, prompts are read in blocks of query rows, and work is done in place
+where it saves memory traffic; each function's docstring says what it modifies.
+
+Shapes: N rows (the new positions of every sequence in the pass), T new positions of one
+sequence, S = its positions so far (cache + new), E = n_embd, H = n_head, D = E / H, F = 4E,
+V = vocab size. Every constant is float32 so that NumPy never silently promotes activations to
+float64.
 """
 
 from __future__ import annotations
@@ -83,8 +91,8 @@ _GELU_ROWS = 32  # gelu's scratch, [32, 3072] floats, fits in L2
 _ATTENTION_BLOCK = 128  # query rows per block in long prompts: scores stay in cache
 
 
-def gelu(x: np.ndarray) -> np.ndarray:
-    """GPT-2's GELU, 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), computed in place in x.
+def gelu(x: np.ndarray) -> np.ndarray:  # [N, F] -> the same array
+    """GPT-2's GELU, 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), computed in place: x is overwritten.
 
     Uses 0.5·(1 + tanh(u)) = 1 / (1 + exp(−2u)): one transcendental and no large temporaries.
     Goes 32 rows at a time so that its seven passes stay in cache. For very negative x, exp
@@ -109,8 +117,8 @@ def _mean_column(n: int) -> np.ndarray:
     return np.full((n, 1), 1.0 / n, dtype=np.float32)
 
 
-def layer_norm(x: np.ndarray, p: LayerNorm, eps: float) -> np.ndarray:
-    """(x − mean) / √(var + eps) · g + b over the last axis.
+def layer_norm(x: np.ndarray, p: LayerNorm, eps: float) -> np.ndarray:  # [N, E] -> new [N, E]
+    """(x − mean) / √(var + eps) · g + b over the last axis (x is left as it is).
 
     The means are products with a column of 1/n: BLAS takes them faster than NumPy's reductions.
     """
@@ -124,7 +132,7 @@ def layer_norm(x: np.ndarray, p: LayerNorm, eps: float) -> np.ndarray:
     return xc
 
 
-def matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+def matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [N, in] @ [in, out] -> new [N, out]
     """x @ w for activations x [N, in]. From 2 to 127 rows, the rows are padded with zeros to a
     multiple of 8 (and the pad dropped after): OpenBLAS's sgemm runs such products fastest in
     multiples of 8 (measured by `make bench`: 6 rows took 1.6x as long as 8, 14 rows 1.4x as long as 16)."""
@@ -137,7 +145,7 @@ def matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return (padded @ w)[:n]
 
 
-def linear(x: np.ndarray, p: Linear) -> np.ndarray:
+def linear(x: np.ndarray, p: Linear) -> np.ndarray:  # [N, in] -> new [N, out]: x @ w + b
     y = matmul(x, p.w)
     y += p.b
     return y
@@ -153,7 +161,8 @@ def _causal_mask(rows: int) -> np.ndarray:
 
 def attention(q: np.ndarray, kT: np.ndarray, v: np.ndarray, offset: int,
               out: np.ndarray | None = None) -> np.ndarray:
-    """Causal attention for queries q [H, T, D] at positions offset..offset+T-1 -> [H, T, D].
+    """Causal attention for queries q [H, T, D] at positions offset..offset+T-1 -> [H, T, D],
+    written into `out` when given (a view into the caller's [T, E] array). Reads only.
 
     softmax(q·kᵀ)·v, with kT [H, D, S] and v [H, S, D] holding every position up to offset+T and
     q already scaled by 1/√D. Long prompts go in blocks of query rows, each against only the keys
@@ -190,7 +199,9 @@ class Segment(NamedTuple):
 
 
 def mha(x: np.ndarray, p: Block, n_head: int, segments: list[Segment], layer: int) -> np.ndarray:
-    """Multi-head self-attention; writes the new keys and values into each sequence's cache."""
+    """Multi-head self-attention, [N, E] -> new [N, E]. Writes each segment's new keys and values
+    into its cache (at positions cache.length onwards; `transformer` advances the lengths after
+    the last layer). The queries are scaled in place in the fresh Q, K, V product."""
     N, E = x.shape
     D = E // n_head
     qkv = linear(x, p.c_attn).reshape(N, 3, n_head, D)  # one fused matmul for Q, K and V
@@ -208,11 +219,12 @@ def mha(x: np.ndarray, p: Block, n_head: int, segments: list[Segment], layer: in
     return linear(out, p.attn_proj)
 
 
-def mlp(x: np.ndarray, p: Block) -> np.ndarray:
+def mlp(x: np.ndarray, p: Block) -> np.ndarray:  # [N, E] -> [N, F] -> new [N, E]
     return linear(gelu(linear(x, p.c_fc)), p.mlp_proj)
 
 
 def transformer_block(x: np.ndarray, p: Block, config: GPT2Config, segments: list[Segment], layer: int) -> np.ndarray:
+    """Pre-norm residual block, [N, E] -> new [N, E] (x itself is not changed; the caches are)."""
     eps = config.layer_norm_epsilon
     x = x + mha(layer_norm(x, p.ln_1, eps), p, config.n_head, segments, layer)
     x += mlp(layer_norm(x, p.ln_2, eps), p)
@@ -248,7 +260,7 @@ def transformer(params: Params, config: GPT2Config, batch: list[tuple[np.ndarray
     return [layer_norm(h, params.ln_f, config.layer_norm_epsilon) for h in picked]
 
 
-def lm_head(params: Params, h: np.ndarray) -> np.ndarray:
+def lm_head(params: Params, h: np.ndarray) -> np.ndarray:  # [N, E] -> [N, V]
     """Logits from final hidden states: the LM head is the token embedding matrix (tied)."""
     return matmul(h, params.wte.T)
 
