@@ -8,7 +8,7 @@ PROMPT ?= Alan Turing theorized that computers would one day
 N      ?= 50
 MODELS ?= models
 
-.PHONY: install run serve test fuzz bench bench-peers bench-serve bench-ray deploy-check clean
+.PHONY: install browser run serve test fuzz bench bench-peers bench-serve bench-ray deploy-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,16 @@ serve: install
 	@test -f $(MODELS)/$(MODEL)/model.safetensors || $(BIN)/gpt-convert $(MODEL) $(MODELS)/$(MODEL)
 	$(BIN)/gpt-serve $(MODELS)/$(MODEL) $(SERVE_ARGS)
 
-## test: the whole test suite (it includes the TensorFlow-free deployment check)
-test: install
+## browser: Debian's chromium for the gpt-explain page tests, installed with apt-get if missing
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  echo "installing chromium (apt-get) for the browser tests"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+## test: the whole test suite (it includes the TensorFlow-free deployment check and a headless
+##       browser); a screenshot of the gpt-explain page lands in test-artifacts/
+test: install browser
 	$(BIN)/python -m pytest -q
 
 ## fuzz: the fuzz tests with a large budget (20,000 examples each; CI runs 200)

@@ -177,3 +177,19 @@ def test_ascii_classes_equal_the_unicode_ones_on_ascii():
 def test_split_equals_the_plain_unicode_pattern(tokenizer, parts):
     text = "".join(parts)
     assert tokenizer.split(text) == tokenizer._pattern.findall(text)
+
+
+def test_explain_shows_the_merges_that_encode_applies(tokenizer):
+    tok = tokenizer
+    text = "Hello world, ünïcödé 🙂 tokenization!!\n\n  x"
+    pieces = tok.explain(text)
+    assert [p.text for p in pieces] == tok.split(text)
+    assert [i for p in pieces for i in p.ids] == tok.encode(text)
+    for p in pieces:
+        assert p.byte_chars == "".join(tok.decoder[i] for i in p.ids)  # the tokens spell the bytes
+        assert [tok.encoder[t] for t in p.tokens] == p.ids
+        ranks = [r for _, _, r in p.merges]
+        assert ranks == sorted(ranks)  # lowest rank first, each rule once
+        assert all(tok.ranks[(a, b)] == r for a, b, r in p.merges)
+    world = next(p for p in pieces if p.text == " world")
+    assert world.byte_chars == "Ġworld" and world.tokens == ["Ġworld"] and len(world.merges) == 5

@@ -73,11 +73,14 @@ def _stats(g) -> str:
             f"{g.tokens_per_s:.1f} tokens/s after the first; stop: {g.stop_reason}")
 
 
-def generation_options(command):
-    """Add one click option per field of `Options` that has a command-line form, checked by the
-    same rules as the Python API; the command receives them as one dict, `options` (only those
-    given, so that the defaults stay those of `Options`)."""
-    specs = [(f, f.metadata["cli"]) for f in fields(Options) if f.metadata.get("cli")]
+def generation_options(command=None, *, exclude: tuple[str, ...] = ()):
+    """Add one click option per field of `Options` that has a command-line form (but those in
+    `exclude`), checked by the same rules as the Python API; the command receives them as one
+    dict, `options` (only those given, so that the defaults stay those of `Options`).
+    Use as `@generation_options` or `@generation_options(exclude=(...))`."""
+    if command is None:
+        return functools.partial(generation_options, exclude=exclude)
+    specs = [(f, f.metadata["cli"]) for f in fields(Options) if f.metadata.get("cli") and f.name not in exclude]
 
     def check(name):
         def callback(ctx, param, value):

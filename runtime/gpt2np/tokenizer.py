@@ -13,7 +13,7 @@ import json
 import re
 from itertools import chain, repeat
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import regex
 
@@ -176,6 +176,24 @@ class Tokenizer:
         pieces += _ASCII_PATTERN.findall(text, done)
         return pieces
 
+    def explain(self, text: str) -> list["Piece"]:
+        """How `encode` (without special tokens) cuts `text`, step by step: for each regex piece,
+        its bytes as GPT-2's printable characters, the merges applied in rank order (encoder.py's
+        loop, one rule at a time) and the resulting tokens. Their ids, joined, are `encode(text)`."""
+        out = []
+        for piece in self.split(text):
+            chars = piece.encode("utf-8").decode("latin-1").translate(self._byte_table)
+            parts, merges = list(chars), []
+            while len(parts) > 1:
+                pairs = [(self.ranks.get(pair, _NO_MERGE), i) for i, pair in enumerate(zip(parts, parts[1:]))]
+                rank, i = min(pairs)
+                if rank == _NO_MERGE:
+                    break
+                merges.append((parts[i], parts[i + 1], rank))
+                parts = _merge_all(parts, parts[i], parts[i + 1], i)
+            out.append(Piece(piece, chars, merges, parts, [self.encoder[t] for t in parts]))
+        return out
+
     def _encode_ordinary(self, text: str) -> list[int]:
         pieces = self.split(text)
         cache = self._cache
@@ -292,6 +310,15 @@ def _merge_all(parts: list[str], first: str, second: str, i: int) -> list[str]:
             k += 1
         merged += parts[i:k]
         i = k
+
+
+class Piece(NamedTuple):
+    """One regex piece of a text and how BPE turned it into tokens (see `Tokenizer.explain`)."""
+    text: str
+    byte_chars: str  # the piece's UTF-8 bytes as GPT-2's printable characters
+    merges: list[tuple[str, str, int]]  # (left, right, rank in merges.txt), in the order applied
+    tokens: list[str]
+    ids: list[int]
 
 
 class StreamDecoder:

@@ -1,0 +1,84 @@
+"""`gpt-explain`: what GPT-2 does with one prompt, as one self-contained HTML page.
+
+`report` gathers the facts (tokenization, the generated tokens with their alternatives, every
+attention map, the logit lens, the tensor shapes) from the runtime's own parts: the tokenizer's
+`explain`, the engine's generation with `logprobs`, and the readable reference forward pass
+(`GPT2.trace`). `page.render` turns them into HTML with everything inline (no network). Only the
+standard library and NumPy: this front door needs no extra.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from typing import Any
+
+import numpy as np
+
+from .. import GPT2, reference
+
+TOP_ALTERNATIVES = 5
+
+
+def report(model: GPT2, prompt: str, n_tokens: int, **options) -> dict[str, Any]:
+    """Everything the page shows, as JSON-ready values. `options`: `GPT2.complete`'s options."""
+    tok, cfg = model.tokenizer, model.config
+    pieces = tok.explain(prompt) if prompt else []
+    prompt_ids = [i for p in pieces for i in p.ids] or [cfg.eos_token_id]
+    n_tokens = max(0, min(n_tokens, cfg.n_positions - len(prompt_ids)))
+    gen = model.complete(prompt_ids, n_tokens, logprobs=TOP_ALTERNATIVES, **options)
+    if gen.error:
+        raise ValueError(gen.error)
+    # The model sees the prompt and each generated token but the last (nothing reads that one yet).
+    seen = (prompt_ids + gen.ids[:-1])[:cfg.n_positions]
+    t = model.trace(seen)
+    lens_ids, lens_probs = reference.logit_lens(model.params, cfg, t, k=1)
+    token = tok.decoder.get
+    T = len(seen)
+    rows, cols = np.tril_indices(T)  # attention is zero above the diagonal: only the rest is sent
+    return {
+        "model": {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd, "n_positions": cfg.n_positions,
+                  "vocab_size": cfg.vocab_size, "source": model.metadata.get("gpt2np.source", "")},
+        "prompt": prompt,
+        "pieces": [{"text": p.text, "byte_chars": p.byte_chars, "merges": [list(m) for m in p.merges],
+                    "tokens": p.tokens, "ids": p.ids} for p in pieces],
+        "prompt_ids": prompt_ids,
+        "options": {k: v for k, v in options.items() if v is not None},
+        "generated": [{"id": i, "token": token(i, "?"), "text": tok.decode([i]), "p": math.exp(lp),
+                       "alternatives": [[a, token(a, "?"), math.exp(alp)] for a, alp in alts.items()]}
+                      for i, lp, alts in zip(gen.ids, gen.logprobs, gen.top_logprobs)],
+        "stop_reason": gen.stop_reason,
+        "tokens": [token(i, "?") for i in seen],
+        "texts": [tok.decode([i]) for i in seen],
+        # attention as bytes (probability x 255, rounded), lower triangle, row by row, head by head
+        "attention": base64.b64encode(np.rint(t.attentions[..., rows, cols] * 255).astype(np.uint8).tobytes()).decode(),
+        "lens": [[[token(int(i), "?"), round(float(p), 4)] for i, p in zip(ids[:, 0], probs[:, 0])]
+                 for ids, probs in zip(lens_ids, lens_probs)],
+        "shapes": shapes(model, T),
+    }
+
+
+def shapes(model: GPT2, T: int) -> list[list]:
+    """(tensor, shape, what it is) from the ids to the logits; block tensors once, for every block."""
+    cfg, p = model.config, model.params
+    E, H, V, b = cfg.n_embd, cfg.n_head, cfg.vocab_size, p.blocks[0]
+    D, F = E // H, b.c_fc.w.shape[1]
+    return [
+        ["ids", [T], "token ids of the prompt (and the tokens generated so far)"],
+        ["wte", list(p.wte.shape), "token embeddings (weights; also the LM head)"],
+        ["wpe", list(p.wpe.shape), "position embeddings (weights)"],
+        ["x = wte[ids] + wpe[:T]", [T, E], "the residual stream: hidden_states[0]"],
+        [f"block i = 0..{cfg.n_layer - 1}:", None, ""],
+        ["  ln_1(x)", [T, E], "layer norm"],
+        ["  c_attn.w", list(b.c_attn.w.shape), "Q, K and V projections in one matrix (weights)"],
+        ["  q, k, v", [H, T, D], "split into heads"],
+        ["  q @ kᵀ / √D + mask", [H, T, T], "attention scores; the mask hides the future"],
+        ["  softmax(...)", [H, T, T], "attention probabilities: the heatmaps"],
+        ["  softmax(...) @ v", [H, T, D], "each head's output"],
+        ["  heads joined, c_proj", [T, E], f"c_proj.w {list(b.attn_proj.w.shape)}; added to x"],
+        ["  ln_2(x)", [T, E], "layer norm"],
+        ["  c_fc, gelu", [T, F], f"c_fc.w {list(b.c_fc.w.shape)}"],
+        ["  mlp c_proj", [T, E], f"c_proj.w {list(b.mlp_proj.w.shape)}; added to x: hidden_states[i + 1]"],
+        ["ln_f(x)", [T, E], "final layer norm: the last of hidden_states"],
+        ["logits = ln_f(x) @ wteᵀ", [T, V], "next-token scores at every position"],
+    ]
