@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 import peers  # noqa: E402
-from bench import blas_info, cpu_name, make_model  # noqa: E402
+from bench import blas_info, cpu_name, gemm_throughput, make_model, weight_flops_per_token  # noqa: E402
 
 THREADS = 2
 BATCHES = (1, 8, 32, 64)
@@ -137,6 +137,11 @@ def run(quick: bool, out: Path, cache: Path) -> None:
     r["score_max_abs_diff"] = {k: float(np.max(np.abs(np.array(scores[labels[k]]) - base))) for k in runners}
     r["top_p_ms"] = {shape: top_p_ms(shape) for shape in ("flat", "peaked")}
     r["stack_ms"] = stacks(runners["gpt2np"].model)
+    model = runners["gpt2np"].model
+    r["gemm_gflops"] = gemm_throughput(model.params, model.config, 3)
+    T, cfg = 1023, model.config
+    r["prefill_gflop"] = (weight_flops_per_token(cfg) * T + 2 * cfg.n_layer * cfg.n_embd * T * (T + 1)
+                          + 2 * cfg.n_embd * cfg.vocab_size) / 1e9
     env = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "blas": blas_info(), "threads": THREADS}
     write(out, env, r)
 
@@ -188,6 +193,14 @@ def markdown(env: dict, r: dict, plotted: bool) -> str:
               f"with the weights as stored ([in, out]; {r['stack_ms']['stored'] / r['stack_ms']['decode']:.0%}) and "
               f"{r['stack_ms']['fastest']:.1f} ms in the layout OpenBLAS reads fastest "
               f"({r['stack_ms']['fastest'] / r['stack_ms']['decode']:.0%}), medians of 60 taking turns.",
+              f"- Prefill of 1023 tokens is {r['prefill_gflop']:.0f} GFLOP (weight products, causal attention, the "
+              f"last position's head): gpt2np ran it at {r['prefill_gflop'] / r['prefill_1023_s']['gpt2np']:.0f} GFLOP/s, "
+              f"{r['prefill_gflop'] / r['prefill_1023_s']['gpt2np'] / r['gemm_gflops']:.0%} of this machine's "
+              f"GEMM throughput in the same run ({r['gemm_gflops']:.0f} GFLOP/s on 1024-row products).",
+              "- Memory: one stream stays within the file size + 130 MB (RESULTS.md). A batch adds, per sequence, "
+              "its KV cache, preallocated for its prompt and new tokens: 2 x n_layer x n_embd x 4 bytes per "
+              "position (72 KiB for 124M, 600 KiB for 1558M), so 32 sequences of 48 positions add 113 MB on "
+              "124M; and a logits row of 201 KB per sequence at each step.",
               "- int8 weights are read as a quarter of the bytes, and CTranslate2 multiplies them with int8 "
               "kernels; NumPy has no such product (its float16 and int8 matmuls have no BLAS path), so gpt2np "
               "stays float32. CTranslate2 int8's greedy ids differ because its logits are quantised."]
@@ -212,8 +225,8 @@ def plot(r: dict, path: Path) -> bool:
     axes[0].set(xlabel="prompts decoded together", ylabel="aggregate tokens/s", xscale="log",
                 title="Batches (higher is better)")
     axes[0].set_xticks(batches, [str(b) for b in batches])
-    figures = [("decode ctx 16", "decode_ms_ctx16", False), ("decode ctx 1000", "decode_ms_ctx1000", False),
-               ("prefill 1023", "prefill_1023_s", False), ("top-p batch 32", "sampled_b32_tokens_per_s", True),
+    figures = [("decode\ncontext 16", "decode_ms_ctx16", False), ("decode\ncontext 1000", "decode_ms_ctx1000", False),
+               ("prefill\n1023 tokens", "prefill_1023_s", False), ("top-p\nbatch 32", "sampled_b32_tokens_per_s", True),
                ("scoring", "score_tokens_per_s", True)]
     width = 0.8 / len(engines)
     for i, e in enumerate(engines):
