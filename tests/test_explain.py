@@ -137,3 +137,33 @@ def test_the_page_in_a_headless_browser(tmp_path, model_124M_dir):
     assert taken.returncode == 0 and shot.stat().st_size > 20_000, taken.stderr[-2000:]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     shutil.copy(path, ARTIFACTS / "gpt-explain.html")
+
+
+def test_generated_text_is_what_gpt_run_prints(small):
+    tok = small.tokenizer
+    emoji = tok.encode("🙂")  # one character, several tokens: no token alone decodes to it
+    assert len(emoji) > 1
+    bias = {i: 100 - n for n, i in enumerate(emoji)}
+    r = report(small, "hi", len(emoji), logit_bias=bias, presence_penalty=2.0)
+    g = small.complete("hi", len(emoji), logit_bias=bias, presence_penalty=2.0)
+    assert "".join(x["text"] for x in r["generated"]) == g.text == r["text"]
+    assert "\ufffd" not in r["text"] or "\ufffd" in tok.decode(g.ids)
+    stopped = small.complete(PROMPT, 8)
+    stop = stopped.text[2:5]
+    r = report(small, PROMPT, 8, stop=(stop,))
+    assert r["text"] == small.complete(PROMPT, 8, stop=[stop]).text and stop not in r["text"]
+
+
+def test_empty_prompt_and_invalid_unicode(small):
+    html = page.render(report(small, "", 2))
+    assert "The prompt is empty" in html
+    text = "a\udcffb"  # how Python hands over an undecodable byte in argv
+    assert [i for p in small.tokenizer.explain(text) for i in p.ids] == small.encode(text)
+
+
+def test_writing_over_a_folder_is_one_line(tmp_path, small_model_dir):
+    (tmp_path / "page.html").mkdir()
+    proc = run_cli("gpt-explain", str(small_model_dir), PROMPT, "-n", "2", "-o", str(tmp_path / "page.html"))
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and "cannot write" in err and str(tmp_path / "page.html") in err, err
+    assert len(err.strip().splitlines()) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["page.html"]

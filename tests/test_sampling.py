@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from gpt2np import GPT2Error, Sampling
-from gpt2np.sampling import candidates, choose, log_normalizer, log_normalizers, log_softmax, token_logprob
+from gpt2np.sampling import allowed, candidates, choose, log_normalizer, log_normalizers, log_softmax, token_logprob
 
 
 def softmax64(z):
@@ -153,3 +153,21 @@ def test_log_normalizers_of_a_batch_equal_each_row(logits):
         assert (top, log_sum) == log_normalizer(row)
         lp = log_softmax(row)
         assert float(row[3] - top - log_sum) == pytest.approx(lp[3], rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1e-46, 1e-40, 1e-6, 1e8, 1e39])
+@pytest.mark.parametrize("filters", [dict(), dict(top_k=5), dict(top_p=0.01)])
+def test_extreme_temperatures_stay_exact(logits, temperature, filters):
+    s = Sampling(temperature=temperature, seed=0, **filters)
+    ids = set(np.flatnonzero(allowed(logits, s)).tolist())
+    order = np.argsort(-logits.astype(np.float64), kind="stable")
+    if "top_k" in filters:
+        assert ids == set(order[:5].tolist())
+    if temperature < 1e-5:  # all the mass is on the most likely token
+        assert [choose(logits, s, s.rng()) for _ in range(5)] == [int(order[0])] * 5
+    elif "top_p" in filters:  # nearly uniform: about 1% of the vocabulary, the most likely ones
+        assert abs(len(ids) - 503) <= 1
+        if temperature == 1e8:  # still distinguishable in float64: exactly the most likely
+            assert ids == set(order[:len(ids)].tolist())
+    drawn = {choose(logits, s, r) for r in [s.rng()] for _ in range(20)}
+    assert drawn <= ids

@@ -109,6 +109,7 @@ def logit_lens(params: Params, config: GPT2Config, t: Trace, k: int = 1) -> tupl
         if layer < len(t.hidden_states) - 1:
             h = layer_norm(h, params.ln_f, config.layer_norm_epsilon)
         p = softmax(h @ params.wte.T)  # [T, V]
-        top = np.argsort(-p, axis=-1, kind="stable")[:, :k]
+        top = np.argpartition(-p, k - 1, axis=-1)[:, :k] if k > 1 else np.argmax(p, axis=-1)[:, None]
+        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(p, top, -1), axis=-1, kind="stable"), -1)
         ids[layer], probs[layer] = top, np.take_along_axis(p, top, axis=-1)
     return ids, probs

@@ -2,7 +2,8 @@
 
 Sampling follows the usual order: divide the logits by the temperature, keep the top-k tokens,
 then keep the smallest set of the most likely tokens whose probability reaches top-p, and draw
-from what is left, renormalised (an exponential race: see `choose`). All of it runs in float64 with
+from what is left, renormalised (an exponential race: see `choose`). Probabilities are float32 like
+the logits and their sums float64 (float64 throughout at extreme temperatures). The draws come from
 NumPy's PCG64 generator, whose stream is the same on every platform: the same seed and the same
 logits give the same token.
 """
@@ -78,7 +79,7 @@ def token_logprob(logits: np.ndarray, token: int, norm: tuple | None = None) -> 
     """log p of one token: the same value as log_softmax(logits)[token], without a float64 copy
     of the whole vocabulary (this runs once per generated token). `norm`: `log_normalizer(logits)`."""
     top, log_sum = norm or log_normalizer(logits)
-    return float(logits[token] - top - log_sum)
+    return float(logits[token]) - float(top) - float(log_sum)
 
 
 def top_logprobs(logits: np.ndarray, k: int, norm: tuple | None = None) -> dict[int, float]:
@@ -101,15 +102,19 @@ def allowed(logits: np.ndarray, s: Sampling) -> np.ndarray:
 
 
 def _weights(logits: np.ndarray, s: Sampling) -> tuple[np.ndarray, np.ndarray]:
-    """(w, keep): w_j = exp(z_j − max z) with z = logits / temperature, the probabilities up to
-    one common factor (in float32, as the logits; their sums in float64), and the `allowed`
-    mask. w is −1 where not allowed."""
-    z = logits / np.float32(s.temperature if s.temperature else 1.0)
-    w = z - z.max()
-    np.exp(w, out=w)
-    keep = np.ones(len(z), dtype=bool)
-    if s.top_k is not None and s.top_k < len(z):
-        keep = _largest(z, s.top_k)
+    """(w, keep): w_j = exp((logit_j − max logit) / temperature), the probabilities up to one
+    common factor, and the `allowed` mask; w is −1 where not allowed. In float32 like the logits
+    (their sums in float64) for temperatures from 0.01 to 100; in float64 beyond, where float32
+    would lose the smallest or the largest temperatures' differences."""
+    t = s.temperature if s.temperature else 1.0
+    z = logits - logits.max()  # <= 0: exp cannot overflow, and the most likely token weighs 1
+    if not _FLOAT32_TEMPERATURES[0] <= t <= _FLOAT32_TEMPERATURES[1]:
+        z = z.astype(np.float64)
+    z /= t
+    w = np.exp(z, out=z)
+    keep = np.ones(len(w), dtype=bool)
+    if s.top_k is not None and s.top_k < len(w):
+        keep = _largest(logits, s.top_k)  # the order of the logits: the same at every temperature
         w[~keep] = -1.0  # below every allowed weight (those are >= 0)
     if s.top_p is not None and s.top_p < 1:
         ranked = np.sort(w[keep] if s.top_k is not None else w)[::-1]
@@ -118,6 +123,9 @@ def _weights(logits: np.ndarray, s: Sampling) -> tuple[np.ndarray, np.ndarray]:
         keep = _largest(w, n, cut=ranked[n - 1])
         w[~keep] = -1.0
     return w, keep
+
+
+_FLOAT32_TEMPERATURES = (0.01, 100.0)
 
 
 def _largest(v: np.ndarray, n: int, cut: float | None = None) -> np.ndarray:

@@ -70,6 +70,7 @@ def score(params: Params, config: GPT2Config, ids: list[int], stride: int | None
             hi = min(lo + _ROWS_PER_HEAD_PRODUCT, end)
             logits = lm_head(params, h[lo - 1 - begin:hi - 1 - begin])
             top, log_sum = log_normalizers(logits)
-            logprobs += (logits[np.arange(hi - lo), seq[lo:hi]] - top - log_sum).tolist()
+            chosen = logits[np.arange(hi - lo), seq[lo:hi]].astype(np.float64)
+            logprobs += (chosen - top - log_sum).tolist()
         scored, begin = end, begin + stride
     return Score(ids=list(ids), logprobs=logprobs, stride=stride, window=window)

@@ -137,10 +137,7 @@ class Tokenizer:
             unknown = allowed - set(self.special_tokens)
             if unknown:
                 raise GPT2Error(f"unknown special tokens: {sorted(unknown)}")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        text = _valid_unicode(text)
         if not allowed:
             return self._encode_ordinary(text)
         ids: list[int] = []
@@ -181,7 +178,7 @@ class Tokenizer:
         its bytes as GPT-2's printable characters, the merges applied in rank order (encoder.py's
         loop, one rule at a time) and the resulting tokens. Their ids, joined, are `encode(text)`."""
         out = []
-        for piece in self.split(text):
+        for piece in self.split(_valid_unicode(text)):
             chars = piece.encode("utf-8").decode("latin-1").translate(self._byte_table)
             parts, merges = list(chars), []
             while len(parts) > 1:
@@ -191,7 +188,7 @@ class Tokenizer:
                     break
                 merges.append((parts[i], parts[i + 1], rank))
                 parts = _merge_all(parts, parts[i], parts[i + 1], i)
-            out.append(Piece(piece, chars, merges, parts, [self.encoder[t] for t in parts]))
+            out.append(Piece(piece, chars, merges, parts, list(self._bpe(chars))))
         return out
 
     def _encode_ordinary(self, text: str) -> list[int]:
@@ -273,6 +270,16 @@ class Tokenizer:
     def stream_decoder(self) -> "StreamDecoder":
         """A decoder for one token at a time that never emits half of a UTF-8 character."""
         return StreamDecoder(self)
+
+
+def _valid_unicode(text: str) -> str:
+    """`text` with lone surrogates (not valid Unicode, e.g. from undecodable bytes in argv)
+    replaced by U+FFFD, as tiktoken does."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def _check_vocabulary(encoder: dict[str, int], merges: list[tuple[str, str]], vocab_path, merges_path) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .. import GPT2, reference
+from ..errors import GPT2Error
 
 TOP_ALTERNATIVES = 5
 
@@ -28,7 +29,11 @@ def report(model: GPT2, prompt: str, n_tokens: int, **options) -> dict[str, Any]
     n_tokens = max(0, min(n_tokens, cfg.n_positions - len(prompt_ids)))
     gen = model.complete(prompt_ids, n_tokens, logprobs=TOP_ALTERNATIVES, **options)
     if gen.error:
-        raise ValueError(gen.error)
+        raise GPT2Error(gen.error)
+    stream = tok.stream_decoder()  # each token's text as gpt-run prints it: no half characters
+    released = [stream.feed(i) for i in gen.ids]
+    if released:
+        released[-1] += stream.flush()
     # The model sees the prompt and each generated token but the last (nothing reads that one yet).
     seen = (prompt_ids + gen.ids[:-1])[:cfg.n_positions]
     t = model.trace(seen)
@@ -44,9 +49,10 @@ def report(model: GPT2, prompt: str, n_tokens: int, **options) -> dict[str, Any]
                     "tokens": p.tokens, "ids": p.ids} for p in pieces],
         "prompt_ids": prompt_ids,
         "options": {k: v for k, v in options.items() if v is not None},
-        "generated": [{"id": i, "token": token(i, "?"), "text": tok.decode([i]), "p": math.exp(lp),
+        "generated": [{"id": i, "token": token(i, "?"), "text": text, "p": math.exp(lp),
                        "alternatives": [[a, token(a, "?"), math.exp(alp)] for a, alp in alts.items()]}
-                      for i, lp, alts in zip(gen.ids, gen.logprobs, gen.top_logprobs)],
+                      for i, text, lp, alts in zip(gen.ids, released, gen.logprobs, gen.top_logprobs)],
+        "text": gen.text,  # what gpt-run prints: without a stop string or <|endoftext|>
         "stop_reason": gen.stop_reason,
         "tokens": [token(i, "?") for i in seen],
         "texts": [tok.decode([i]) for i in seen],

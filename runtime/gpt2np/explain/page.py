@@ -76,7 +76,7 @@ SCRIPT = r"""
 
   // 2. Generation
   const text = document.getElementById("text");
-  text.append(R.prompt, ...R.generated.map(g => el("span", {class: "gen", text: g.text})));
+  text.append(R.prompt, el("span", {class: "gen", text: R.text}));
   const gen = document.getElementById("generation");
   R.generated.forEach((g, n) => {
     const alts = el("td");
@@ -152,7 +152,10 @@ def render(report: dict) -> str:
     """The page for a report from `explain.report`."""
     m = report["model"]
     data = json.dumps(report, ensure_ascii=False).replace("<", "\\u003c")  # nothing can end the <script> early
-    opts = ", ".join(f"{k}={v}" for k, v in report["options"].items()) or "greedy"
+    opts = ", ".join(f"{k}={json.dumps(list(v) if isinstance(v, tuple) else v, ensure_ascii=False)}"
+                     for k, v in report["options"].items()) or "greedy"
+    prompt = (f"Prompt of {len(report['prompt_ids'])} tokens" if report["pieces"] else
+              "The prompt is empty: the model starts from &lt;|endoftext|&gt; (id 50256)")
     n_gen = len(report["generated"])
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>gpt-explain: {html.escape(report["prompt"][:60])}</title>
@@ -161,7 +164,7 @@ def render(report: dict) -> str:
 <script>window.addEventListener("error", e => {{ document.body.dataset.error = String(e.message); }});</script>
 <h1>Inside GPT-2</h1>
 <p class="sub">{m["n_layer"]} layers, {m["n_head"]} heads, {m["n_embd"]}-wide residual stream, {m["vocab_size"]:,} tokens.
-Prompt of {len(report["prompt_ids"])} tokens; {n_gen} new ({html.escape(opts)}; stopped: {html.escape(report["stop_reason"])}).</p>
+{prompt}; {n_gen} new ({html.escape(opts)}; stopped: {html.escape(report["stop_reason"])}).</p>
 <h2>1. Tokenization</h2>
 <p class="sub">GPT-2's regex cuts the text into pieces; each piece's UTF-8 bytes become printable characters
 (a space is <span class="tok">Ġ</span>, a newline <span class="tok">Ċ</span>); then the merges from <code>merges.txt</code> apply,
