@@ -204,9 +204,19 @@ def test_model_folder_missing_or_different_names_the_node(cluster, small_model_d
     assert "config.json differs" in line and "2 nodes" in line
 
 
-def running_job(cluster, small_model_dir, tmp_path, n_rows, workers=2):
+def write_files(folder: Path, n: int, files: int) -> list[dict]:
+    """n rows with ids of their own spread over `files` files: as many parse chunks, so that every
+    actor has work throughout and the output arrives a chunk at a time."""
+    folder.mkdir()
+    rows = [{"prompt": PROMPTS[i % len(PROMPTS)], "id": f"row-{i}"} for i in range(n)]
+    for f in range(files):
+        (folder / f"part-{f:03d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[f::files]))
+    return rows
+
+
+def running_job(cluster, small_model_dir, tmp_path, n_rows, workers=2, files=None):
     """A gpt-batch process under way, and a way to count the rows it has written so far."""
-    order = write_corpus(tmp_path / "in", n_rows, bad=False)
+    order = write_files(tmp_path / "in", n_rows, files) if files else write_corpus(tmp_path / "in", n_rows, bad=False)
     out = tmp_path / "out"
     proc = subprocess.Popen([str(BIN / "gpt-batch"), str(small_model_dir), str(tmp_path / "in"), str(out),
                              "--address", cluster.address, "--workers", str(workers), "--batch-size", "2", "-n", "40",
@@ -237,6 +247,19 @@ def raylet_pid(node) -> int:
     return node.all_processes["raylet"][0].process.pid
 
 
+def actor_on(node) -> bool:
+    """Whether one of the job's actors runs on `node` (a child of its raylet)."""
+    import psutil
+
+    for p in map_workers():
+        try:
+            if p.ppid() == raylet_pid(node):
+                return True
+        except psutil.NoSuchProcess:
+            pass
+    return False
+
+
 def check_complete(model, out, order, n_tokens=40):
     rows = read_output(out)
     assert sorted(json.dumps(r["id"]) for r in rows) == sorted(json.dumps(r["id"]) for r in order)
@@ -247,7 +270,7 @@ def check_complete(model, out, order, n_tokens=40):
 
 
 def test_actor_killed_mid_job(cluster, model, small_model_dir, tmp_path):
-    proc, order, out, written = running_job(cluster, small_model_dir, tmp_path, 160)
+    proc, order, out, written = running_job(cluster, small_model_dir, tmp_path, 240, files=24)
     try:
         wait_until(lambda: written() >= 10 or proc.poll() is not None)
         assert proc.poll() is None and written() < len(order)  # really mid-job
@@ -261,7 +284,7 @@ def test_actor_killed_mid_job(cluster, model, small_model_dir, tmp_path):
 
 
 def test_ctrl_c_stops_cleanly(cluster, small_model_dir, tmp_path):
-    proc, _, out, written = running_job(cluster, small_model_dir, tmp_path, 160)
+    proc, _, out, written = running_job(cluster, small_model_dir, tmp_path, 240, files=24)
     try:
         wait_until(lambda: written() >= 4 or proc.poll() is not None)
         assert proc.poll() is None
@@ -275,12 +298,12 @@ def test_ctrl_c_stops_cleanly(cluster, small_model_dir, tmp_path):
 
 def test_worker_node_lost_mid_job(cluster, model, small_model_dir, tmp_path):
     # Last in this module: it replaces the cluster's worker node.
-    proc, order, out, written = running_job(cluster, small_model_dir, tmp_path, 160)
+    proc, order, out, written = running_job(cluster, small_model_dir, tmp_path, 240, files=24)
     try:
-        wait_until(lambda: written() >= 10 or proc.poll() is not None)
-        assert proc.poll() is None and written() < len(order)  # really mid-job
         lost = next(iter(cluster.worker_nodes))
-        assert any(p.ppid() == raylet_pid(lost) for p in map_workers())  # an actor really is there
+        # An actor really is there (it may start after the head node's), and the job is mid-way.
+        wait_until(lambda: (actor_on(lost) and written() >= 10) or proc.poll() is not None)
+        assert proc.poll() is None and written() < len(order)
         cluster.remove_node(lost, allow_graceful=False)
         cluster.add_node(num_cpus=2)
         _, err = proc.communicate(timeout=300)
