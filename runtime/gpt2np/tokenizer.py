@@ -179,16 +179,9 @@ class Tokenizer:
         loop, one rule at a time) and the resulting tokens. Their ids, joined, are `encode(text)`."""
         out = []
         for piece in self.split(_valid_unicode(text)):
-            chars = piece.encode("utf-8").decode("latin-1").translate(self._byte_table)
-            parts, merges = list(chars), []
-            while len(parts) > 1:
-                pairs = [(self.ranks.get(pair, _NO_MERGE), i) for i, pair in enumerate(zip(parts, parts[1:]))]
-                rank, i = min(pairs)
-                if rank == _NO_MERGE:
-                    break
-                merges.append((parts[i], parts[i + 1], rank))
-                parts = _merge_all(parts, parts[i], parts[i + 1], i)
-            out.append(Piece(piece, chars, merges, parts, list(self._bpe(chars))))
+            chars, merges = self._byte_chars(piece), []
+            parts = self._merge_reference(chars, merges)
+            out.append(Piece(piece, chars, merges, parts, list(self._ids(parts))))
         return out
 
     def _encode_ordinary(self, text: str) -> list[int]:
@@ -202,21 +195,27 @@ class Tokenizer:
         if len(cache) + len(missing) > _CACHE_LIMIT:
             cache.clear()
             missing = set(pieces)
-        table = self._byte_table
         for piece in missing:
-            cache[piece] = self._bpe(piece.encode("utf-8").decode("latin-1").translate(table))
+            cache[piece] = self._bpe(self._byte_chars(piece))
         return list(chain.from_iterable(map(cache.__getitem__, pieces)))
+
+    def _byte_chars(self, piece: str) -> str:
+        """The piece's UTF-8 bytes as GPT-2's printable characters (what BPE merges)."""
+        return piece.encode("utf-8").decode("latin-1").translate(self._byte_table)
 
     def _bpe(self, word: str) -> tuple[int, ...]:
         """Token ids of one piece (already mapped to GPT-2's byte characters)."""
-        parts = self._merge_fast(word) if self._gpt2_vocab else self._merge_reference(word)
+        return self._ids(self._merge_fast(word) if self._gpt2_vocab else self._merge_reference(word))
+
+    def _ids(self, parts: list[str]) -> tuple[int, ...]:
         try:
             return tuple(map(self.encoder.__getitem__, parts))
         except KeyError as e:
             raise GPT2Error(f"tokenizer: BPE produced {e.args[0]!r}, which is not in vocab.json") from None
 
-    def _merge_reference(self, word: str) -> list[str]:
-        """encoder.py's loop: merge every occurrence of the lowest-ranked pair, left to right; repeat."""
+    def _merge_reference(self, word: str, record: list | None = None) -> list[str]:
+        """encoder.py's loop: merge every occurrence of the lowest-ranked pair, left to right; repeat.
+        `record` (a list) receives each merge applied, as (left, right, rank), in order."""
         get = self.ranks.get
         parts = list(word)
         while len(parts) > 1:
@@ -225,6 +224,8 @@ class Tokenizer:
             if best == _NO_MERGE:
                 break
             i = ranks.index(best)
+            if record is not None:
+                record.append((parts[i], parts[i + 1], best))
             parts = _merge_all(parts, parts[i], parts[i + 1], i)
         return parts
 
