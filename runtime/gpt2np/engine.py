@@ -114,15 +114,17 @@ class Engine:
                     continue
                 if len(s.pending) == 0:
                     ready.append((s, h[-1:]))
-            logits = lm_head(self.params, np.concatenate([h for _, h in ready])) if ready else np.empty((0, 0))
-            norms = zip(*log_normalizers(logits)) if ready else ()
+            logits = norms = ()
+            if ready:  # one LM head product serves them all
+                logits = lm_head(self.params, np.concatenate([h for _, h in ready]))
+                norms = zip(*log_normalizers(logits))
         except Exception as e:  # noqa: BLE001 -- a failed pass fails its sequences, never the loop
             for s, _ in batch:
                 if not s.done:
                     s.fail(f"the forward pass failed: {type(e).__name__}: {e}")
                     events.append((s, None, ""))
             return
-        for (s, _), row, norm in zip(ready, logits, norms):  # one LM head product served them all
+        for (s, _), row, norm in zip(ready, logits, norms):
             ok, chosen = _guarded(s, events, "choosing a token", s.accept, row, norm)
             if ok:
                 events.append((s, *chosen))

@@ -18,7 +18,7 @@ import numpy as np
 from .config import GPT2Config
 from .errors import GPT2Error
 from .model import KVCache
-from .sampling import Sampling, choose, log_normalizer, token_logprob, top_logprobs
+from .sampling import Sampling, choose, log_normalizer, log_normalizers, token_logprob, top_logprobs
 from .tokenizer import Tokenizer
 
 STOP_REASONS = {
@@ -314,10 +314,10 @@ class Sequence:
         """Record the prompt's log-probabilities from the logits of its positions first, first+1, ...
         (position j predicts prompt token j + 1)."""
         opts, r, prompt = self.options, self.result, self.result.prompt_ids
-        for j, row in enumerate(logits, start=first):
-            if j + 1 >= len(prompt):
-                break
-            norm = log_normalizer(row)
+        logits = logits[:max(0, len(prompt) - 1 - first)]  # the last prompt position predicts no prompt token
+        if not len(logits):
+            return
+        for j, (row, norm) in enumerate(zip(logits, zip(*log_normalizers(logits))), start=first):
             r.prompt_logprobs.append(token_logprob(row, prompt[j + 1], norm))
             r.prompt_top_logprobs.append(top_logprobs(row, opts.prompt_logprobs, norm) if opts.prompt_logprobs else {})
 
