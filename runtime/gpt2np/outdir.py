@@ -1,6 +1,7 @@
-"""An output folder made whole atomically: built in a hidden sibling, then put in place in one step.
+"""An output folder made whole atomically: built in a hidden sibling, then put in place in one step
+(and `atomic_write`, the same for one file).
 
-Shared by the converter (a model folder) and `gpt-batch` (its output shards). An existing folder
+Shared by the converter (a model folder), `gpt-batch` (its output shards) and `gpt-explain` (its page). An existing folder
 is replaced only with `force`, by an atomic exchange, so that at every moment the path holds the
 old complete folder or the new one, even if the process is killed; temporaries of killed runs
 are removed by the next run.
@@ -27,6 +28,27 @@ def writing(path: Path):
         yield
     except OSError as e:
         raise GPT2Error(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write one file whole: `data` goes to a temporary file beside `path`, then is renamed over
+    it, so that a reader (or a crash) never sees half of it and an existing file is replaced only
+    by a complete one. Errors are one `GPT2Error` naming `path`."""
+    folder = path.parent
+    if not folder.is_dir():
+        raise GPT2Error(f"cannot write {path}: the folder {folder} does not exist")
+    with writing(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would have made it
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
 
 
 def _is_empty_dir(path: Path) -> bool:

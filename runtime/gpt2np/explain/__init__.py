@@ -19,14 +19,19 @@ from .. import GPT2, reference
 from ..errors import GPT2Error
 
 TOP_ALTERNATIVES = 5
+MAX_POSITIONS = 256  # prompt + new tokens: the page holds n_layer x n_head maps of T x T
 
 
 def report(model: GPT2, prompt: str, n_tokens: int, **options) -> dict[str, Any]:
-    """Everything the page shows, as JSON-ready values. `options`: `GPT2.complete`'s options."""
+    """Everything the page shows, as JSON-ready values. `options`: `GPT2.complete`'s options.
+    Prompt and new tokens together may be at most `MAX_POSITIONS` (`GPT2Error` if not)."""
     tok, cfg = model.tokenizer, model.config
     pieces = tok.explain(prompt) if prompt else []
     prompt_ids = [i for p in pieces for i in p.ids] or [cfg.eos_token_id]
-    n_tokens = max(0, min(n_tokens, cfg.n_positions - len(prompt_ids)))
+    most = min(MAX_POSITIONS, cfg.n_positions)
+    if len(prompt_ids) + n_tokens > most:
+        raise GPT2Error(f"the prompt and the new tokens are {len(prompt_ids) + n_tokens} tokens; the page shows at "
+                        f"most {most} (use a shorter prompt or a smaller -n)")
     gen = model.complete(prompt_ids, n_tokens, logprobs=TOP_ALTERNATIVES, **options)
     if gen.error:
         raise GPT2Error(gen.error)
