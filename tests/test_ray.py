@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -184,6 +185,57 @@ def test_progress_bar_on_a_terminal(cluster, small_model_dir, tmp_path):
     assert proc.wait(timeout=120) == 0
     os.close(controller)
     assert b"12/12 rows" in shown and b"rows/s" in shown and b"tokens/s" in shown and b"gpt-batch: 12 rows" in shown
+
+
+def check_local_run(model, small_model_dir, tmp_path, env) -> None:
+    """gpt-batch without --address (and no RAY_ADDRESS): its own local Ray, the right rows."""
+    rows = write_corpus(tmp_path / "in", 6, bad=False)
+    r = run_cli("gpt-batch", str(small_model_dir), str(tmp_path / "in"), str(tmp_path / "out"), "-n", "4",
+                "--ignore-eos", "--workers", "1", env=env)
+    assert r.returncode == 0, r.stderr.decode()
+    got = {json.dumps(x["id"]): x for x in read_output(tmp_path / "out")}
+    assert len(got) == 6
+    for row in rows:
+        assert got[json.dumps(row["id"])]["ids"] == model.complete(row["prompt"], 4, stop_at_eos=False).ids
+
+
+def env_without_ray_address() -> dict:
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
+def test_gpt_batch_starts_its_own_ray_beside_a_cluster_in_this_process(cluster, model, small_model_dir, tmp_path,
+                                                                       monkeypatch):
+    """A `ray.cluster_utils.Cluster` runs on this machine (the module's): without --address,
+    gpt-batch still starts a local Ray of its own, as the README says, and leaves the cluster be."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+    check_local_run(model, small_model_dir, tmp_path, env_without_ray_address())
+    assert sorted(n["NodeID"] for n in ray.nodes() if n["Alive"]) == nodes  # nothing joined or left the cluster
+
+
+def test_gpt_batch_starts_its_own_ray_beside_ray_start_head(model, small_model_dir, tmp_path):
+    """After `ray start --head` on this machine, plain `ray.init()` would join that Ray (and refuse
+    num_cpus); gpt-batch without --address must start its own all the same."""
+    env = {**env_without_ray_address(), "RAY_USAGE_STATS_ENABLED": "0"}
+    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--port", "0", "--num-cpus", "1",
+                             "--include-dashboard", "false", "--disable-usage-stats"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    output: list[bytes] = []
+    threading.Thread(target=lambda: output.extend(iter(head.stdout.readline, b"")), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 60
+        while not any(b"Ray runtime started" in line for line in output):
+            assert head.poll() is None and time.monotonic() < deadline, b"".join(output).decode()
+            time.sleep(0.2)
+        check_local_run(model, small_model_dir, tmp_path, env)
+        assert head.poll() is None  # the other Ray is still there
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
 
 
 def test_model_folder_missing_or_different_names_the_node(cluster, small_model_dir, tmp_path):

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from gpt2np import GPT2Error, Sampling
-from gpt2np.sampling import allowed, candidates, choose, log_normalizer, log_normalizers, log_softmax, token_logprob
+from gpt2np.sampling import (allowed, candidates, choose, log_normalizer, log_normalizers, log_softmax, logprob,
+                             token_logprob, top_logprobs)
 
 
 def softmax64(z):
@@ -118,6 +119,32 @@ def test_token_logprob_equals_log_softmax(logits):
     for token in (0, int(np.argmax(logits)), 50256):
         # the subtraction of the maximum happens in float32: agreement to float32 precision
         assert token_logprob(logits, token) == pytest.approx(lp[token], rel=1e-6)
+
+
+def test_one_token_one_float_wherever_it_is_reported():
+    """A token's log-probability has one expression (`logprob`): the chosen token's value equals its
+    entry among the top N to the last bit, and the argmax's equals the largest top-N value, on many
+    rows of many scales (lm-evaluation-harness decides `is_greedy` by exact equality of the two)."""
+    rng = np.random.default_rng(11)
+    for trial in range(300):
+        v = int(rng.choice([5, 97, 50257]))
+        scale = float(rng.choice([1e-3, 0.3, 3.0, 40.0]))
+        row = (rng.standard_normal(v) * scale + rng.normal(0, 50)).astype(np.float32)
+        norm = log_normalizer(row)
+        n = int(rng.integers(1, min(v, 20) + 1))
+        top = top_logprobs(row, n, norm)
+        assert list(top.values()) == sorted(top.values(), reverse=True)
+        argmax = int(np.argmax(row))
+        assert token_logprob(row, argmax, norm) == max(top.values()) == top[argmax]
+        for token in [*top, int(rng.integers(v))]:
+            value = token_logprob(row, token)  # its own normalizer: the same float
+            assert value == token_logprob(row, token, norm) == float(logprob(row[token], norm))
+            if token in top:
+                assert value == top[token]
+        # the batched form (scoring, prompt log-probabilities) gives the same floats
+        rows = np.stack([row, row[::-1]])
+        (t0, t1), (s0, s1) = log_normalizers(rows)
+        assert float(logprob(rows[0][argmax], (t0, s0))) == top[argmax]
 
 
 @pytest.mark.parametrize("shape", ["flat", "peaked", "two-level"])

@@ -79,6 +79,55 @@ def test_models_health_tokenize_detokenize(server, client, model):
     assert httpx.post(server.url + "/detokenize", json={"tokens": r["tokens"]}).json() == {"prompt": text}
 
 
+def test_vllms_tokenizer_endpoints_and_model_card(server, client, model):
+    """What lm-evaluation-harness's remote tokenizer (made for vLLM) reads: /tokenizer_info, then
+    /tokenize with vLLM's fields, /detokenize; and vLLM's model card with the context length."""
+    info = httpx.get(server.url + "/tokenizer_info").json()
+    assert info["tokenizer_class"] == "GPT2TokenizerFast" and info["model_max_length"] == 64
+    assert info["eos_token"] == info["bos_token"] == "<|endoftext|>" and info["pad_token"] is None
+    assert "chat_template" not in info  # GPT-2 has none
+    text = "Hello world<|endoftext|> ☃"
+    r = httpx.post(server.url + "/tokenize", json={"prompt": text, "add_special_tokens": False,
+                                                   "return_token_strs": True}).json()
+    assert r["tokens"] == model.encode(text, allowed_special=True) and r["count"] == len(r["tokens"])
+    assert r["token_strs"][:3] == ["Hello", "Ġworld", "<|endoftext|>"]  # the vocabulary's strings, as vLLM's
+    assert len(r["token_strs"]) == r["count"] and r["max_model_len"] == 64
+    assert httpx.post(server.url + "/tokenize", json={"prompt": "x"}).json()["token_strs"] is None
+    assert httpx.post(server.url + "/tokenize", json={"prompt": info["eos_token"]}).json()["tokens"] == [50256]
+    chat = httpx.post(server.url + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert chat.status_code == 400 and "no chat template" in chat.json()["error"]["message"]
+    assert chat.json()["error"]["param"] == "messages"
+    assert httpx.post(server.url + "/tokenize", json={}).status_code == 400
+    assert httpx.post(server.url + "/detokenize", json={"tokens": r["tokens"], "model": MODEL}).json() == {
+        "prompt": text}
+    card = client.models.retrieve(MODEL).model_dump()
+    assert card["max_model_len"] == 64 and card["root"] == MODEL and card["parent"] is None
+    assert card["permission"][0]["object"] == "model_permission" and card["permission"][0]["allow_logprobs"]
+    assert client.models.list().data[0].model_dump() == card
+
+
+def test_a_tokens_logprob_is_one_float_everywhere_in_a_response(client, model):
+    """The chosen token's `token_logprobs` entry and its entry in `top_logprobs` are the same float,
+    and a greedy token's is the largest there (lm-evaluation-harness's `is_greedy` compares them
+    with ==). Prompt positions (echo) and generated ones alike, over many texts."""
+    rng = np.random.default_rng(4)
+    greedy_seen = 0
+    for trial in range(12):
+        ids = [int(i) for i in rng.integers(0, 50257, size=int(rng.integers(2, 30)))]
+        r = complete(client, prompt=ids, max_tokens=3, temperature=0, logprobs=int(rng.integers(1, 6)), echo=True,
+                     extra_body={"ignore_eos": True})
+        lp = r.choices[0].logprobs
+        assert len(lp.token_logprobs) == len(ids) + 3
+        for k in range(1, len(lp.tokens)):
+            top = lp.top_logprobs[k]
+            assert top[lp.tokens[k]] == lp.token_logprobs[k]  # one number for one fact
+            greedy = lp.token_logprobs[k] == max(top.values())
+            if k >= len(ids):  # generated greedily: always the largest
+                assert greedy
+            greedy_seen += greedy
+    assert greedy_seen >= 12 * 3
+
+
 def test_greedy_request_gives_gpt_runs_text(server, client, small_model_dir):
     prompt = "The answer to the question is"
     r = complete(client, prompt=prompt, max_tokens=20, temperature=0)
@@ -269,7 +318,7 @@ def test_16_concurrent_clients_each_get_what_they_would_alone(server, client):
     (b'{"model": "small", "prompt": "x", "top_p": 0}', 400, "top_p", None),
     (b'{"model": "small", "prompt": "x", "logprobs": 6}', 400, "logprobs", None),
     (b'{"model": "small", "prompt": "x", "n": 0}', 400, "n", None),
-    (b'{"model": "small", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', 400, "stop", None),
+    (b'{"model": "small", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', 400, "at most 4 stop strings", None),
     (b'{"model": "small", "prompt": "x", "presence_penalty": -3}', 400, "presence_penalty", None),
     (b'{"model": "small", "prompt": "x", "logit_bias": {"50257": 1}}', 400, "outside the vocabulary", None),
     (b'{"model": "small", "prompt": "x", "logit_bias": {"a": 1}}', 400, "token ids", None),
@@ -392,6 +441,27 @@ def test_api_key(small_model_dir):
         right = openai.OpenAI(base_url=s.url + "/v1", api_key="sekrit", max_retries=0)
         assert right.completions.create(model=name, prompt="x", max_tokens=1).choices
         assert httpx.get(s.url + "/health").status_code == 200  # not under /v1
+        for method, path, body in [("GET", "/tokenizer_info", None), ("POST", "/tokenize", {"prompt": "x"}),
+                                   ("POST", "/detokenize", {"tokens": [1]})]:
+            assert httpx.request(method, s.url + path, json=body).status_code == 401, path
+            assert httpx.request(method, s.url + path, json=body,
+                                 headers={"Authorization": "Bearer sekrit"}).status_code == 200, path
+
+
+def test_max_stop_strings_is_configurable(small_model_dir, model):
+    """OpenAI's (and vLLM's default) limit of 4 stop strings, raised by --max-stop-strings: the
+    fifth string works like the others."""
+    full = model.complete("Once upon a time", 30, stop_at_eos=False).text
+    stops = ["never 1", "never 2", "never 3", "never 4", full[8:11]]
+    with ServerProcess(small_model_dir, "--model-name", MODEL, "--max-stop-strings", "6") as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        r = complete(c, prompt="Once upon a time", max_tokens=30, temperature=0, stop=stops,
+                     extra_body={"ignore_eos": True})
+        assert r.choices[0].text == full[:full.index(stops[-1])] and r.choices[0].finish_reason == "stop"
+        with pytest.raises(openai.BadRequestError, match="at most 6 stop strings"):
+            complete(c, prompt="x", stop=[f"s{i}" for i in range(7)])
+    bad = run_cli("gpt-serve", str(small_model_dir), "--max-stop-strings", "-1")
+    assert bad.returncode == 2 and b"--max-stop-strings" in bad.stderr
 
 
 @pytest.fixture(scope="module")

@@ -75,19 +75,30 @@ def log_normalizers(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return top[:, 0], np.log(e.sum(axis=-1, dtype=np.float64))
 
 
+def logprob(logits: np.ndarray, norm: tuple) -> np.ndarray:
+    """log p of the given logits (one or many, of one row) under that row's `norm`
+    (`log_normalizer`): (logit − max) − log Σ exp(logits − max), in float64.
+
+    This is the one expression for a token's log-probability: every value reported anywhere (a
+    generated token's, its alternatives', the prompt's, a score's) comes from it, so the same
+    token at the same position always shows the same float. The difference of two float32 values
+    is exact in float64, so the only rounding is the last subtraction."""
+    top, log_sum = norm
+    return (np.asarray(logits, dtype=np.float64) - np.float64(top)) - np.float64(log_sum)
+
+
 def token_logprob(logits: np.ndarray, token: int, norm: tuple | None = None) -> float:
-    """log p of one token: the same value as log_softmax(logits)[token], without a float64 copy
-    of the whole vocabulary (this runs once per generated token). `norm`: `log_normalizer(logits)`."""
-    top, log_sum = norm or log_normalizer(logits)
-    return float(logits[token]) - float(top) - float(log_sum)
+    """log p of one token: `logprob` of its logit (no float64 copy of the whole vocabulary: this
+    runs once per generated token). `norm`: `log_normalizer(logits)`, if the caller made it."""
+    return float(logprob(logits[token], norm or log_normalizer(logits)))
 
 
 def top_logprobs(logits: np.ndarray, k: int, norm: tuple | None = None) -> dict[int, float]:
-    """The k most likely tokens (ties by lower id) and their log-probabilities, most likely first."""
-    top, log_sum = norm or log_normalizer(logits)
-    lse = float(top) + float(log_sum)
+    """The k most likely tokens (ties by lower id) and their log-probabilities (`logprob`, so a
+    token's entry here equals its `token_logprob`), most likely first."""
     ids = _top(logits, k)
-    return {int(i): float(logits[i]) - lse for i in ids}
+    values = logprob(logits[ids], norm or log_normalizer(logits))
+    return {int(i): float(v) for i, v in zip(ids, values)}
 
 
 def allowed(logits: np.ndarray, s: Sampling) -> np.ndarray:

@@ -19,7 +19,7 @@ import numpy as np
 from .config import GPT2Config
 from .errors import GPT2Error
 from .model import KVCache, Params, lm_head, transformer
-from .sampling import log_normalizers
+from .sampling import log_normalizers, logprob
 
 _ROWS_PER_HEAD_PRODUCT = 256  # logits are made this many rows at a time: [256, 50257] is 51 MB
 
@@ -69,8 +69,7 @@ def score(params: Params, config: GPT2Config, ids: list[int], stride: int | None
         for lo in range(scored, end, _ROWS_PER_HEAD_PRODUCT):
             hi = min(lo + _ROWS_PER_HEAD_PRODUCT, end)
             logits = lm_head(params, h[lo - 1 - begin:hi - 1 - begin])
-            top, log_sum = log_normalizers(logits)
-            chosen = logits[np.arange(hi - lo), seq[lo:hi]].astype(np.float64)
-            logprobs += (chosen - top - log_sum).tolist()
+            chosen = logits[np.arange(hi - lo), seq[lo:hi]]
+            logprobs += [float(logprob(c, norm)) for c, norm in zip(chosen, zip(*log_normalizers(logits)))]
         scored, begin = end, begin + stride
     return Score(ids=list(ids), logprobs=logprobs, stride=stride, window=window)

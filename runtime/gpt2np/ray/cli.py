@@ -93,7 +93,9 @@ def run(model_dir, chunks, out, task, address, workers, threads, batch_size, str
                          runtime_env={"env_vars": env})
             else:  # one spare CPU for the parse tasks, which the actors would otherwise starve
                 workers = workers or max(1, (os.cpu_count() or 1) // threads)
-                ray.init(num_cpus=workers * threads + 1, include_dashboard=False, logging_level=logging.ERROR,
+                # "local": a Ray of our own, even where another already runs on this machine (with no
+                # address, ray.init would join that one, and refuse num_cpus)
+                ray.init(address="local", num_cpus=workers * threads + 1, include_dashboard=False, logging_level=logging.ERROR,
                          log_to_driver=False, runtime_env={"env_vars": env})
         if not workers:  # the cluster's CPUs, one kept for the parse tasks
             workers = max(1, (int(ray.cluster_resources().get("CPU", 1)) - 1) // threads)

@@ -33,6 +33,7 @@ class ServerState:
     worker: EngineWorker
     metrics: Metrics
     api_key: str | None = None
+    max_stop: int = P.MAX_STOP  # stop strings a request may give
     started: int = field(default_factory=P.now)
     draining: bool = False
     in_flight: int = 0  # completion requests not yet answered in full
@@ -68,7 +69,7 @@ class Guard:
                 return await error_response(error)(scope, receive, send_status)
             await self.app(scope, receive, send_status)
         finally:
-            if path.startswith("/v1/") or path in ("/tokenize", "/detokenize"):
+            if path.startswith("/v1/") or path in _TOKENIZER_PATHS:
                 self.state.metrics.requests.labels(path if path in _KNOWN else "other",
                                                    str(status.get("code", 499))).inc()
 
@@ -77,7 +78,7 @@ class Guard:
             return APIError(503, "the server is shutting down and takes no new requests", type="server_error",
                             code="shutting_down")
         key = self.state.api_key
-        if key and path.startswith("/v1/"):
+        if key and (path.startswith("/v1/") or path in _TOKENIZER_PATHS):
             auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             given = auth[7:] if auth[:7].lower() == "bearer " else ""
             if not hmac.compare_digest(given.encode(), key.encode()):
@@ -114,13 +115,15 @@ class Guard:
         return replay, None
 
 
-_KNOWN = {"/v1/completions", "/v1/models", "/v1/chat/completions", "/tokenize", "/detokenize"}
+_TOKENIZER_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")
+"""vLLM's tokenizer endpoints: counted, and behind the API key, like /v1/."""
+_KNOWN = {"/v1/completions", "/v1/models", "/v1/chat/completions", *_TOKENIZER_PATHS}
 
 
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="gpt2np", description="GPT-2 in NumPy: OpenAI's completions API", docs_url=None,
                   redoc_url=None)
-    completions = Completions(state.model, state.model_name, state.worker)
+    completions = Completions(state.model, state.model_name, state.worker, state.max_stop)
     state.metrics.running.set_function(lambda: state.worker.running)
     state.metrics.waiting.set_function(lambda: state.worker.waiting)
 
@@ -187,11 +190,22 @@ def create_app(state: ServerState) -> FastAPI:
         raise APIError(400, "GPT-2 has no chat format, so this server has no chat endpoint: "
                             "use /v1/completions with a prompt", code="unsupported_endpoint")
 
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        config = state.model.config
+        return P.tokenizer_info(state.model.tokenizer, config.eos_token_id, config.n_positions)
+
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
         completions.check_model(req.model)
+        if req.messages is not None:
+            raise APIError(400, "GPT-2 has no chat template, so /tokenize takes a `prompt`, not `messages`",
+                           param="messages")
+        if req.prompt is None:
+            raise APIError(400, "prompt is required", param="prompt")
         tokens = await run_in_threadpool(state.model.encode, req.prompt, allowed_special=True)
-        return {"count": len(tokens), "max_model_len": state.model.config.n_positions, "tokens": tokens}
+        strs = [state.model.tokenizer.decoder[t] for t in tokens] if req.return_token_strs else None
+        return P.tokenize_response(tokens, state.model.config.n_positions, strs)
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest):

@@ -26,23 +26,27 @@ DEFAULT_PREFILL_CHUNK = 32
               help="Port to listen on (0: any free port, printed on stderr).")
 @click.option("--model-name", default=None, help="The model's name in the API [default: MODEL_DIR's folder name].")
 @click.option("--api-key", envvar="GPT2NP_API_KEY", default=None,
-              help="Require `Authorization: Bearer KEY` on every /v1/ request [env: GPT2NP_API_KEY].")
+              help="Require `Authorization: Bearer KEY` on every /v1/ and tokenizer request [env: GPT2NP_API_KEY].")
 @click.option("--max-batch", default=16, show_default=True, type=click.IntRange(min=1),
               help="The most sequences decoded together in one forward pass.")
 @click.option("--max-queue", default=64, show_default=True, type=click.IntRange(min=0),
               help="The most sequences waiting for a place in the batch; beyond it requests get 429.")
 @click.option("--prefill-chunk", default=DEFAULT_PREFILL_CHUNK, show_default=True, type=click.IntRange(min=1),
               help="The most prompt tokens read per step, so that running streams keep moving.")
+@click.option("--max-stop-strings", envvar="GPT2NP_MAX_STOP_STRINGS", default=None, type=click.IntRange(min=0),
+              help="The most stop strings one request may give [default: 4, OpenAI's limit; lm-evaluation-harness "
+                   "may send more] [env: GPT2NP_MAX_STOP_STRINGS].")
 @click.option("--grace-period", default=30.0, show_default=True, type=click.FloatRange(min=0),
               help="On SIGTERM or Ctrl-C: seconds to let running requests finish before cancelling them.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]), help="How much to log on stderr.")
-def serve(model_dir, host, port, model_name, api_key, max_batch, max_queue, prefill_chunk, grace_period, log_level):
+def serve(model_dir, host, port, model_name, api_key, max_batch, max_queue, prefill_chunk, max_stop_strings, grace_period,
+          log_level):
     """Serve the GPT-2 model in MODEL_DIR over HTTP with OpenAI's completions API.
 
     \b
     Endpoints: POST /v1/completions (streaming too), GET /v1/models, GET /health,
-    POST /tokenize and /detokenize, GET /metrics (Prometheus).
+    POST /tokenize and /detokenize, GET /tokenizer_info (vLLM's), GET /metrics (Prometheus).
 
     Requests are decoded together with continuous batching: new ones join between steps,
     finished ones leave at once. On SIGTERM or Ctrl-C the server answers new requests with
@@ -57,13 +61,15 @@ def serve(model_dir, host, port, model_name, api_key, max_batch, max_queue, pref
                         "pip install 'gpt2np[serve]'") from None
     from .. import load
     from .metrics import Metrics
+    from .protocol import MAX_STOP
     from .worker import EngineWorker
 
     model = load(model_dir)
     name = model_name or Path(model_dir).resolve().name
     metrics = Metrics()
     worker = EngineWorker(model.engine(max_batch=max_batch, prefill_chunk=prefill_chunk), max_queue, metrics)
-    state = ServerState(model=model, model_name=name, worker=worker, metrics=metrics, api_key=api_key or None)
+    state = ServerState(model=model, model_name=name, worker=worker, metrics=metrics, api_key=api_key or None,
+                        max_stop=MAX_STOP if max_stop_strings is None else max_stop_strings)
     sock = _listen(host, port)
     worker.start()
     config = uvicorn.Config(create_app(state), host=host, port=port, log_level=log_level,

@@ -23,8 +23,8 @@ CANCELLED = APIError(503, "the server shut down before the request was finished"
 
 
 class Completions:
-    def __init__(self, model, model_name: str, worker: EngineWorker):
-        self.model, self.model_name, self.worker = model, model_name, worker
+    def __init__(self, model, model_name: str, worker: EngineWorker, max_stop: int):
+        self.model, self.model_name, self.worker, self.max_stop = model, model_name, worker, max_stop
         self.config, self.tokenizer = model.config, model.tokenizer
 
     # ------------------------------------------------------------------------- request -> sequences
@@ -72,6 +72,9 @@ class Completions:
                 raise APIError(400, f"logit_bias names token {token}, outside the vocabulary", param="logit_bias")
             bias[token] = float(value)
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > self.max_stop:
+            raise APIError(400, f"stop: at most {self.max_stop} stop strings are allowed, got {len(stop)} "
+                                "(gpt-serve --max-stop-strings raises the limit)", param="stop")
         if any(s == "" for s in stop):
             raise APIError(400, "stop strings must not be empty", param="stop")
         try:

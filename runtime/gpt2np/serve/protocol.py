@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-MAX_STOP = 4
+MAX_STOP = 4  # OpenAI's limit and vLLM's default; `gpt-serve --max-stop-strings` changes it
 MAX_STOP_CHARS = 1000
 MAX_N = 128
 MAX_LOGPROBS = 5
@@ -66,7 +66,7 @@ class CompletionRequest(_Strict):
     stream_options: Optional[StreamOptions] = None
     logprobs: Optional[Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)]] = None
     echo: StrictBool = False
-    stop: Optional[Union[StopString, Annotated[list[StopString], Field(max_length=MAX_STOP)]]] = None
+    stop: Optional[Union[StopString, list[StopString]]] = None  # how many: the server's --max-stop-strings
     seed: Optional[Annotated[StrictInt, Field(ge=0, lt=2**63)]] = None
     presence_penalty: Optional[Annotated[Number, Field(ge=-2, le=2)]] = 0.0
     frequency_penalty: Optional[Annotated[Number, Field(ge=-2, le=2)]] = 0.0
@@ -77,11 +77,21 @@ class CompletionRequest(_Strict):
 
 
 class TokenizeRequest(_Strict):
-    """POST /tokenize (vLLM's). `add_special_tokens` is accepted for vLLM's clients: GPT-2 adds none."""
+    """POST /tokenize, as vLLM takes it. `add_special_tokens` is accepted for vLLM's clients (GPT-2
+    adds none either way); `return_token_strs` adds each token's vocabulary string. vLLM's chat
+    form (`messages` and its options) is recognised so that it gets a clear 400: GPT-2 has no chat
+    template."""
 
-    prompt: StrictStr
+    prompt: Optional[StrictStr] = None
     model: Optional[StrictStr] = None
     add_special_tokens: StrictBool = True
+    return_token_strs: Optional[StrictBool] = False
+    messages: Optional[list[Any]] = None
+    add_generation_prompt: Optional[StrictBool] = None
+    continue_final_message: Optional[StrictBool] = None
+    chat_template: Optional[StrictStr] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+    tools: Optional[list[Any]] = None
 
 
 class DetokenizeRequest(_Strict):
@@ -91,7 +101,6 @@ class DetokenizeRequest(_Strict):
     model: Optional[StrictStr] = None
 
 
-# ---------------------------------------------------------------------------------- responses
 FinishReason = Literal["stop", "length"]
 
 FINISH_REASONS: dict[str, FinishReason] = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}
@@ -125,8 +134,28 @@ def logprobs(tokens: list[str], token_logprobs: list[float | None], top_logprobs
 
 
 def model_card(name: str, created: int, max_model_len: int) -> dict:
-    return {"id": name, "object": "model", "created": created, "owned_by": "gpt2np", "root": name,
-            "max_model_len": max_model_len}
+    """vLLM's model card: `max_model_len` tells clients the context, and `permission` has vLLM's
+    fields and values."""
+    permission = {"id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission", "created": created,
+                  "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+                  "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
+                  "organization": "*", "group": None, "is_blocking": False}
+    return {"id": name, "object": "model", "created": created, "owned_by": "gpt2np", "root": name, "parent": None,
+            "max_model_len": max_model_len, "permission": [permission]}
+
+
+def tokenizer_info(tokenizer, eos_token_id: int, max_model_len: int) -> dict:
+    """GET /tokenizer_info, as vLLM answers it for Hugging Face's GPT-2 tokenizer: the tokenizer's
+    class and its configuration (no `chat_template`: GPT-2 has none)."""
+    eos = tokenizer.decoder.get(eos_token_id)
+    return {"tokenizer_class": "GPT2TokenizerFast", "add_bos_token": False, "add_prefix_space": False,
+            "bos_token": eos, "eos_token": eos, "unk_token": eos, "pad_token": None,
+            "clean_up_tokenization_spaces": False, "errors": "replace", "model_max_length": max_model_len,
+            "added_tokens_decoder": {str(i): s for s, i in tokenizer.special_tokens.items()}}
+
+
+def tokenize_response(tokens: list[int], max_model_len: int, token_strs: list[str] | None) -> dict:
+    return {"count": len(tokens), "max_model_len": max_model_len, "tokens": tokens, "token_strs": token_strs}
 
 
 def models(cards: list[dict]) -> dict:
@@ -139,7 +168,7 @@ def now() -> int:
 
 EXPECTED = {
     "prompt": "a string, a list of strings, a list of token ids, or a list of lists of token ids (none empty)",
-    "stop": f"a string or a list of at most {MAX_STOP} strings, each at most {MAX_STOP_CHARS} characters",
+    "stop": f"a string or a list of strings, each at most {MAX_STOP_CHARS} characters",
     "temperature": "a number from 0 to 2", "top_p": "a number above 0, at most 1",
     "presence_penalty": "a number from -2 to 2", "frequency_penalty": "a number from -2 to 2",
     "logit_bias": "an object mapping token ids to numbers from -100 to 100",
