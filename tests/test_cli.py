@@ -1,5 +1,6 @@
 """`gpt-run` as a user runs it: a real subprocess, streaming, stdin, errors."""
 
+import json
 import subprocess
 
 import pytest
@@ -82,3 +83,23 @@ def test_errors_are_one_line_with_non_zero_exit(small_model_dir, args, stdin, fr
 
 def test_not_a_model_folder(tmp_path):
     assert_one_line_error(run_cli("gpt-run", str(tmp_path), "hi"), "missing config.json")
+
+
+def test_json_logprobs_are_one_float_per_token(small_model_dir):
+    """gpt-run --json: each generated token's log-probability equals its entry among the top N, to
+    the last bit, and a greedy token's is the largest there; likewise the API's prompt scores."""
+    r = run_cli("gpt-run", str(small_model_dir), "The same float", "-n", "12", "--json", "--logprobs", "5",
+                "--ignore-eos")
+    assert r.returncode == 0, r.stderr.decode()
+    g = json.loads(r.stdout)
+    assert len(g["ids"]) == 12
+    for token, lp, top in zip(g["ids"], g["logprobs"], g["top_logprobs"]):
+        assert top[str(token)] == lp == max(top.values())
+    model = gpt2np.load(small_model_dir)
+    own = model.complete("The same float", 8, stop_at_eos=False)  # a prompt that ends in greedy tokens
+    p = model.complete(own.prompt_ids + own.ids, 0, prompt_logprobs=5)
+    inside = [(t, lp, top) for t, lp, top in zip(p.prompt_ids[1:], p.prompt_logprobs[1:], p.prompt_top_logprobs[1:])
+              if t in top]
+    assert len(inside) >= 8
+    assert all(top[t] == lp for t, lp, top in inside)
+    assert all(max(top.values()) == top[next(iter(top))] for _, _, top in inside)
