@@ -55,10 +55,12 @@ LONG_TEXTS = [  # longer than the test model's context: scored in rolling window
     "Whenever I find myself growing grim about the mouth, I account it high time to get to sea as soon as I can.",
 ]
 
+API_KEY = "lm-eval-key"
 MODES = {
     "token ids": "tokenizer_backend=huggingface,tokenizer={model_dir}",
     "text prompts": "tokenizer_backend=huggingface,tokenizer={model_dir},tokenized_requests=False",
-    "remote tokenizer": "tokenizer_backend=remote",
+    # against a server with an API key: lm-eval sends OPENAI_API_KEY to /v1/ and auth_token to the tokenizer
+    "remote tokenizer": f"tokenizer_backend=remote,auth_token={API_KEY}",
 }
 
 
@@ -67,11 +69,13 @@ def model(small_model_dir):
     return gpt2np.load(small_model_dir)
 
 
-@pytest.fixture(scope="module")
-def server(small_model_dir):
+@pytest.fixture(scope="module", params=[False, True], ids=["open", "with an API key"])
+def server(request, small_model_dir):
     # lm-eval sends a task's `until` plus <|endoftext|>: more stop strings than OpenAI's 4.
+    key = ("--api-key", API_KEY) if request.param else ()
     with ServerProcess(small_model_dir, "--model-name", MODEL, "--max-batch", "6", "--prefill-chunk", "16",
-                       "--max-stop-strings", "8") as s:
+                       "--max-stop-strings", "8", *key) as s:
+        s.api_key = API_KEY if request.param else None
         yield s
         output = s.output()
     assert "Traceback" not in output, output
@@ -105,7 +109,7 @@ def tasks(tmp_path_factory, model):
          doc_to_target="{{answer}}", metric_list=[{"metric": "acc"}])
     task("np_rolling", [{"text": t} for t in LONG_TEXTS], output_type="loglikelihood_rolling",
          doc_to_text="", doc_to_target="{{text}}", metric_list=[{"metric": "word_perplexity"}])
-    stops = [boundary_stop(model, c) for c in CONTEXTS[:3]] + [".", "\n\n"]
+    stops = [boundary_stop(model, c) for c in CONTEXTS[:5]]  # five: more than OpenAI's 4
     task("np_gen", [{"q": c, "a": ""} for c in CONTEXTS], output_type="generate_until", doc_to_text="{{q}}",
          doc_to_target="{{a}}", generation_kwargs={"until": stops, "do_sample": False, "max_gen_toks": MAX_GEN_TOKS},
          metric_list=[{"metric": "exact_match"}])
@@ -123,7 +127,8 @@ def run_lm_eval(server, tasks_dir, mode: str, model_dir, out) -> dict[str, list[
     args = (f"model={MODEL},base_url={server.url}/v1/completions,num_concurrent=4,max_length={MAX_LENGTH},"
             + MODES[mode].format(model_dir=model_dir))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_DATASETS_CACHE": str(out / "datasets-cache"), "HF_HOME": str(out / "hf-home")}
+           "HF_DATASETS_CACHE": str(out / "datasets-cache"), "HF_HOME": str(out / "hf-home"),
+           "OPENAI_API_KEY": server.api_key or ""}
     r = subprocess.run([str(BIN / "lm_eval"), "--model", "local-completions", "--model_args", args,
                         "--tasks", "np_mc,np_rolling,np_gen,np_greedy", "--include_path", str(tasks_dir),
                         "--output_path", str(out), "--log_samples"],
@@ -197,6 +202,8 @@ def close(got: str | float, expected: float) -> bool:
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_lm_eval_numbers_equal_the_in_process_model(server, tasks, model, small_model_dir, tmp_path, mode):
+    if (server.api_key is not None) != (mode == "remote tokenizer"):
+        pytest.skip("the remote tokenizer runs against the server with an API key, the others against the open one")
     tasks_dir, stops = tasks
     errors_before = server_errors(server)
     samples = run_lm_eval(server, tasks_dir, mode, small_model_dir, tmp_path)
@@ -213,15 +220,18 @@ def test_lm_eval_numbers_equal_the_in_process_model(server, tasks, model, small_
         assert close(s["resps"][0][0], expected), (s["resps"], expected)
     assert len(samples["np_rolling"]) == 2 and all(len(model.encode(t)) > MAX_LENGTH + 20 for t in LONG_TEXTS)
 
-    stopped = 0
+    own_stop_ended_it = 0
     for s in samples["np_gen"]:
         args = s["arguments"]["gen_args_0"]
         until = args["arg_1"]["until"]
         assert until == stops
         expected = ref.generate(args["arg_0"], until + ["<|endoftext|>"])
         assert s["resps"][0][0] == expected
-        stopped += len(model.encode(expected)) < MAX_GEN_TOKS - 1
-    assert stopped >= 3  # the stop strings (some across token boundaries) did end generations
+        if args["arg_0"] in CONTEXTS[:len(stops)]:
+            stop = stops[CONTEXTS.index(args["arg_0"])]
+            full = model.complete(ref.encode(args["arg_0"]), MAX_GEN_TOKS, stop_at_eos=False).text
+            own_stop_ended_it += full.startswith(expected + stop)
+    assert own_stop_ended_it >= 3  # stop strings that cross a token boundary ended generations there
 
     greedy_flags = []
     for s in samples["np_greedy"]:
@@ -238,6 +248,6 @@ def test_lm_eval_numbers_equal_the_in_process_model(server, tasks, model, small_
 
 def server_errors(server) -> dict[str, float]:
     """Requests the server answered with 4xx or 5xx, by path and status (its /metrics)."""
-    text = httpx.get(server.url + "/metrics").text
+    text = httpx.get(server.url + "/metrics").text  # /metrics needs no key
     return {m.group(1): float(m.group(2)) for m in
             re.finditer(r'^gpt2np_requests_total(\{[^}]*status="[45]\d\d"[^}]*\}) (\S+)$', text, re.M)}

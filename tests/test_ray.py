@@ -6,7 +6,9 @@ import json
 import os
 import re
 import signal
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -216,14 +218,17 @@ def test_gpt_batch_starts_its_own_ray_beside_a_cluster_in_this_process(cluster, 
 def test_gpt_batch_starts_its_own_ray_beside_ray_start_head(model, small_model_dir, tmp_path):
     """After `ray start --head` on this machine, plain `ray.init()` would join that Ray (and refuse
     num_cpus); gpt-batch without --address must start its own all the same."""
-    env = {**env_without_ray_address(), "RAY_USAGE_STATS_ENABLED": "0"}
+    # Its own temporary folder (where `ray start` leaves the address that a plain ray.init() joins):
+    # the same situation, without touching the Ray state of anything else on this machine.
+    ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths live below it
+    env = {**env_without_ray_address(), "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": ray_tmp}
     head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--port", "0", "--num-cpus", "1",
                              "--include-dashboard", "false", "--disable-usage-stats"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     output: list[bytes] = []
     threading.Thread(target=lambda: output.extend(iter(head.stdout.readline, b"")), daemon=True).start()
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while not any(b"Ray runtime started" in line for line in output):
             assert head.poll() is None and time.monotonic() < deadline, b"".join(output).decode()
             time.sleep(0.2)
@@ -236,6 +241,7 @@ def test_gpt_batch_starts_its_own_ray_beside_ray_start_head(model, small_model_d
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_model_folder_missing_or_different_names_the_node(cluster, small_model_dir, tmp_path):

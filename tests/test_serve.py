@@ -453,13 +453,18 @@ def test_max_stop_strings_is_configurable(small_model_dir, model):
     fifth string works like the others."""
     full = model.complete("Once upon a time", 30, stop_at_eos=False).text
     stops = ["never 1", "never 2", "never 3", "never 4", full[8:11]]
-    with ServerProcess(small_model_dir, "--model-name", MODEL, "--max-stop-strings", "6") as s:
+    with ServerProcess(small_model_dir, "--model-name", MODEL, env={"GPT2NP_MAX_STOP_STRINGS": "6"}) as s:
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
         r = complete(c, prompt="Once upon a time", max_tokens=30, temperature=0, stop=stops,
                      extra_body={"ignore_eos": True})
         assert r.choices[0].text == full[:full.index(stops[-1])] and r.choices[0].finish_reason == "stop"
         with pytest.raises(openai.BadRequestError, match="at most 6 stop strings"):
             complete(c, prompt="x", stop=[f"s{i}" for i in range(7)])
+    with ServerProcess(small_model_dir, "--model-name", MODEL, "--max-stop-strings", "0") as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        assert complete(c, prompt="x", max_tokens=1, stop=[]).choices
+        with pytest.raises(openai.BadRequestError, match="at most 0 stop strings"):
+            complete(c, prompt="x", stop="y")
     bad = run_cli("gpt-serve", str(small_model_dir), "--max-stop-strings", "-1")
     assert bad.returncode == 2 and b"--max-stop-strings" in bad.stderr
 

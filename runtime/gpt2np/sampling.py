@@ -75,16 +75,16 @@ def log_normalizers(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return top[:, 0], np.log(e.sum(axis=-1, dtype=np.float64))
 
 
-def logprob(logits: np.ndarray, norm: tuple) -> np.ndarray:
-    """log p of the given logits (one or many, of one row) under that row's `norm`
-    (`log_normalizer`): (logit − max) − log Σ exp(logits − max), in float64.
+def logprob(logits, norm: tuple) -> np.ndarray:
+    """log p of the given logits under their rows' `norm` (`log_normalizer`, or the arrays of
+    `log_normalizers` for one logit per row): (logit − max) − log Σ exp(logits − max), in float64.
 
     This is the one expression for a token's log-probability: every value reported anywhere (a
-    generated token's, its alternatives', the prompt's, a score's) comes from it, so the same
-    token at the same position always shows the same float. The difference of two float32 values
-    is exact in float64, so the only rounding is the last subtraction."""
+    generated token's, its alternatives', the prompt's, a score's) comes from it, evaluated in the
+    same order, so the same token at the same position always shows the same float (a client may
+    compare them with ==, as lm-evaluation-harness does to decide `is_greedy`)."""
     top, log_sum = norm
-    return (np.asarray(logits, dtype=np.float64) - np.float64(top)) - np.float64(log_sum)
+    return (np.asarray(logits, dtype=np.float64) - np.asarray(top, dtype=np.float64)) - np.asarray(log_sum, np.float64)
 
 
 def token_logprob(logits: np.ndarray, token: int, norm: tuple | None = None) -> float:

@@ -69,7 +69,6 @@ def score(params: Params, config: GPT2Config, ids: list[int], stride: int | None
         for lo in range(scored, end, _ROWS_PER_HEAD_PRODUCT):
             hi = min(lo + _ROWS_PER_HEAD_PRODUCT, end)
             logits = lm_head(params, h[lo - 1 - begin:hi - 1 - begin])
-            chosen = logits[np.arange(hi - lo), seq[lo:hi]]
-            logprobs += [float(logprob(c, norm)) for c, norm in zip(chosen, zip(*log_normalizers(logits)))]
+            logprobs += logprob(logits[np.arange(hi - lo), seq[lo:hi]], log_normalizers(logits)).tolist()
         scored, begin = end, begin + stride
     return Score(ids=list(ids), logprobs=logprobs, stride=stride, window=window)

@@ -76,7 +76,13 @@ class CompletionRequest(_Strict):
     ignore_eos: StrictBool = False
 
 
-class TokenizeRequest(_Strict):
+class _Lenient(BaseModel):
+    """vLLM's tokenizer endpoints ignore fields they do not know (newer clients send more)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
+class TokenizeRequest(_Lenient):
     """POST /tokenize, as vLLM takes it. `add_special_tokens` is accepted for vLLM's clients (GPT-2
     adds none either way); `return_token_strs` adds each token's vocabulary string. vLLM's chat
     form (`messages` and its options) is recognised so that it gets a clear 400: GPT-2 has no chat
@@ -94,7 +100,7 @@ class TokenizeRequest(_Strict):
     tools: Optional[list[Any]] = None
 
 
-class DetokenizeRequest(_Strict):
+class DetokenizeRequest(_Lenient):
     """POST /detokenize (vLLM's)."""
 
     tokens: list[StrictInt]
