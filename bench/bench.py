@@ -217,7 +217,7 @@ def batch_throughput(model, batch: int = 8, prompt_tokens: int = 16, n: int = 32
 
 PEAK_RSS = """
 import sys
-from gpt2np.cli import run
+from gpt2np.cli.run import run
 try:
     run.main(sys.argv[1:], standalone_mode=False)
 finally:

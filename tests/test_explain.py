@@ -49,7 +49,7 @@ def test_report_holds_what_the_page_shows(small):
     assert all(abs(int(row.sum()) - 255) <= len(row) for row in rows)
     np.testing.assert_allclose(rows[-1] / 255, t.attentions[0, 0, -1], atol=0.5 / 255 + 1e-6)
     assert len(r["lens"]) == c.n_layer + 1 and all(len(layer) == T for layer in r["lens"])
-    assert [row[0] for row in r["lens"][-1]] == [small.tokenizer.decoder[int(i)] for i in np.argmax(t.logits, -1)]
+    assert [row[0] for row in r["lens"][-1]] == [small.tokenizer.id_to_token[int(i)] for i in np.argmax(t.logits, -1)]
     assert dict((s[0], s[1]) for s in r["shapes"])["logits = ln_f(x) @ wteᵀ"] == [T, c.vocab_size]
 
 

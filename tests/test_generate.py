@@ -7,7 +7,7 @@ import pytest
 from hypothesis import example, given, settings, strategies as st
 
 import gpt2np
-from gpt2np.generate import StopStrings
+from gpt2np.stops import StopStrings
 from conftest import SMALL_HPARAMS, run_cli
 
 tf_reference = pytest.importorskip("tf_reference")

@@ -406,7 +406,7 @@ def test_engine_failure_ends_every_request_it_holds(model):
         worker.submit(seqs, asyncio.get_running_loop(), queue)
         ended = {}
         while len(ended) < 3:
-            for seq, _, _, reason in await asyncio.wait_for(queue.get(), 10):
+            for seq, *_, reason in await asyncio.wait_for(queue.get(), 10):
                 if reason:
                     ended[id(seq)] = reason
         return ended

@@ -186,7 +186,7 @@ def test_explain_shows_the_merges_that_encode_applies(tokenizer):
     assert [p.text for p in pieces] == tok.split(text)
     assert [i for p in pieces for i in p.ids] == tok.encode(text)
     for p in pieces:
-        assert p.byte_chars == "".join(tok.decoder[i] for i in p.ids)  # the tokens spell the bytes
+        assert p.byte_chars == "".join(tok.id_to_token[i] for i in p.ids)  # the tokens spell the bytes
         assert [tok.encoder[t] for t in p.tokens] == p.ids
         ranks = [r for _, _, r in p.merges]
         assert ranks == sorted(ranks)  # lowest rank first, each rule once

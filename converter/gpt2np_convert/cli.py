@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from gpt2np.cli import run_command
+from gpt2np.cli.common import run_command
+from gpt2np.errors import missing_extra
 
 from .download import DEFAULT_BASE_URL, canonical_model, default_cache_dir
 from gpt2np.outdir import check_output_dir
@@ -57,6 +58,5 @@ def main() -> None:
     except ModuleNotFoundError as e:
         if e.name not in ("tensorflow", "safetensors"):
             raise
-        print(f"gpt-convert: error: {e.name} is not installed; the converter needs "
-              "`pip install 'gpt2np[convert]'`", file=sys.stderr)
+        print(f"gpt-convert: error: {missing_extra('gpt-convert', 'convert', e)}", file=sys.stderr)
         sys.exit(1)

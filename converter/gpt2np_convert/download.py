@@ -19,7 +19,7 @@ from pathlib import Path
 
 from gpt2np import GPT2Error
 
-from .progress import Progress
+from gpt2np.cli.common import bytes_info, progress as progress_bar
 
 DEFAULT_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 MODELS = ("124M", "355M", "774M", "1558M")
@@ -108,29 +108,29 @@ def _fetch_once(url: str, part: Path, timeout: float, progress: bool, label: str
             offset = 0
             length = response.headers.get("Content-Length")
             total = int(length) if length is not None and length.isdigit() else None
-        bar = Progress(label, total, offset, enabled=progress)
         try:
-            with open(part, "r+b" if offset else "wb") as f:
+            with progress_bar(label, total, bytes_info(total, offset), enabled=progress, done=offset) as advance, \
+                    open(part, "r+b" if offset else "wb") as f:
                 f.seek(offset)
                 f.truncate()
-                while chunk := _read(response, bar):
+                done = offset
+                while chunk := _read(response, done):
                     f.write(chunk)
-                    bar.update(len(chunk))
+                    done += len(chunk)
+                    advance(len(chunk))
         except OSError as e:  # a full disk or a file-size limit is not transient: stop, keep the part
             raise GPT2Error(f"cannot write {part}: {e.strerror or e} (the part downloaded so far is kept "
                             "and resumes next time)") from None
-        finally:
-            bar.close()
     size = part.stat().st_size
     if total is not None and size != total:
         raise _Retry(f"body ended at {size} of {total} bytes")
 
 
-def _read(response, bar: Progress) -> bytes:
+def _read(response, done: int) -> bytes:
     try:
         return response.read(CHUNK)
     except (OSError, http.client.HTTPException) as e:
-        raise _Retry(f"connection lost after {bar.done} bytes ({type(e).__name__})") from None
+        raise _Retry(f"connection lost after {done} bytes ({type(e).__name__})") from None
 
 
 def _total_from_content_range(value: str | None, offset: int, url: str) -> int | None:

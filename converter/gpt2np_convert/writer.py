@@ -15,7 +15,7 @@ import numpy as np
 from gpt2np import GPT2Error
 from gpt2np.outdir import writing
 
-from .progress import Progress
+from gpt2np.cli.common import bytes_info, progress as progress_bar
 
 
 def safetensors_header(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str]) -> bytes:
@@ -43,10 +43,10 @@ def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], tensors: I
     SHA-256, computed on the way.
     """
     total = sum(4 * math.prod(s) for s in shapes.values())
-    bar = Progress(path.name, total, enabled=progress)
     expected = iter(shapes.items())
     digest = hashlib.sha256()
-    with writing(path), open(path, "wb") as f:
+    with progress_bar(path.name, total, bytes_info(total), enabled=progress) as advance, \
+            writing(path), open(path, "wb") as f:
         header = safetensors_header(shapes, metadata)
         f.write(header)
         digest.update(header)
@@ -58,12 +58,11 @@ def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], tensors: I
             data = np.ascontiguousarray(array, dtype="<f4").data
             f.write(data)
             digest.update(data)
-            bar.update(array.nbytes)
+            advance(array.nbytes)
         if next(expected, None) is not None:
             raise GPT2Error("internal error: fewer tensors than the header declares")
         f.flush()
         os.fsync(f.fileno())
-    bar.close()
     return digest.hexdigest()
 
 

@@ -1,7 +1,7 @@
 """The decode loop: continuous batching of sequences, one forward pass per step.
 
-Every front door drives this loop: `GPT2.generate` and `generate_batch`, `gpt-run` (one prompt or
-`--prompts-file`) and `gpt-serve`. Each `step()`:
+Every front door drives this loop: `GPT2.generate`, `generate_batch` and `score`, `gpt-run`,
+`gpt-serve`, the Ray stages and `gpt-explain`. Each `step()`:
 
 1. drops cancelled sequences, then admits waiting ones while fewer than `max_batch` run;
 2. gathers the positions each running sequence needs next: one token for a decoding sequence, a
@@ -18,27 +18,34 @@ and error, so one that fails does not affect the others.
 from __future__ import annotations
 
 import collections
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
 from .config import GPT2Config
-from .generate import Options, Sequence
 from .model import Params, lm_head, transformer
+from .options import Options
 from .sampling import log_normalizers
+from .sequence import SequenceState
 from .tokenizer import Tokenizer
 
-_SCORE_ROWS = 256  # prompt logits for scoring are made this many rows at a time: [256, 50257] is 51 MB
+SCORE_ROWS = 256  # prompt logits for scoring are made this many rows at a time: [256, 50257] is 51 MB
 
-Event = tuple[Sequence, "int | None", str]
-"""(sequence, the token it chose or None, the text that token releases). A sequence's last event
-comes when it is done (`sequence.done`); one that ends without a token (cancelled, failed, or only
-scoring its prompt) gets an event with None."""
+
+class Event(NamedTuple):
+    """What one step did to one sequence. A sequence's last event comes when it is done
+    (`sequence.done`); one that ends without a token (cancelled, failed, or only scoring its
+    prompt) gets an event whose `token` is None."""
+
+    sequence: SequenceState
+    token: int | None = None  # the token it chose
+    text: str = ""  # the text that token releases (held back while it may begin a stop string)
+    token_text: str = ""  # the token's own decoded text (`Generation.token_texts`)
 
 
 class Engine:
     """A set of sequences decoded together. Not thread-safe: one thread calls `add` and `step`
-    (`Sequence.cancel` is the exception: any thread may call it).
+    (`SequenceState.cancel` is the exception: any thread may call it).
 
     `max_batch`: the most sequences in one forward pass (None: no limit); others wait in order.
     `prefill_chunk`: the most prompt tokens read per step (None: whole prompts at once, the
@@ -51,24 +58,26 @@ class Engine:
             raise ValueError("max_batch and prefill_chunk must be at least 1")
         self.params, self.config, self.tokenizer = params, config, tokenizer
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
-        self.waiting: collections.deque[Sequence] = collections.deque()
-        self.running: list[Sequence] = []
-        self._ended: list[Sequence] = []  # done before they ran: reported at the next step
+        self.waiting: collections.deque[SequenceState] = collections.deque()
+        self.running: list[SequenceState] = []
+        self._ended: list[SequenceState] = []  # done before they ran: reported at the next step
 
-    def add(self, prompt_ids: list[int], options: Options, tag=None) -> Sequence:
+    def add(self, prompt_ids: list[int], options: Options, tag=None, score_from: int = 1) -> SequenceState:
         """Queue a prompt. Raises `GPT2Error` if it cannot run (nothing is queued then)."""
-        return self.submit(self.sequence(prompt_ids, options), tag)
+        return self.submit(self.sequence(prompt_ids, options, score_from), tag)
 
-    def add_failed(self, prompt_ids: list[int], options: Options, error: str, tag=None) -> Sequence:
+    def add_failed(self, prompt_ids: list[int], options: Options, error: str, tag=None) -> SequenceState:
         """Queue a prompt that is already known to fail: it ends at the next step with `error`."""
-        return self.submit(Sequence(list(prompt_ids), options, self.config, self.tokenizer, error=error), tag)
+        return self.submit(SequenceState(list(prompt_ids), options, self.config, self.tokenizer, error=error), tag)
 
-    def sequence(self, prompt_ids: list[int], options: Options) -> Sequence:
+    def sequence(self, prompt_ids: list[int], options: Options, score_from: int = 1) -> SequenceState:
         """A new sequence for this engine's model, checked but not queued (`GPT2Error` if it
-        cannot run). Another thread may make it and hand it to the engine's thread to `submit`."""
-        return Sequence(list(prompt_ids), options, self.config, self.tokenizer)
+        cannot run). Another thread may make it and hand it to the engine's thread to `submit`.
+        `score_from`: with `prompt_logprobs`, the first prompt token to score (a scoring window
+        scores only the tokens no earlier window scored)."""
+        return SequenceState(list(prompt_ids), options, self.config, self.tokenizer, score_from=score_from)
 
-    def submit(self, seq: Sequence, tag=None) -> Sequence:
+    def submit(self, seq: SequenceState, tag=None) -> SequenceState:
         """Queue a sequence made by `sequence`; it joins the batch at a coming step."""
         if tag is not None:
             seq.tag = tag
@@ -79,17 +88,37 @@ class Engine:
     def idle(self) -> bool:
         return not (self.waiting or self.running or self._ended)
 
+    @property
+    def active(self) -> int:
+        """Sequences running or waiting."""
+        return len(self.running) + len(self.waiting)
+
+    def cancel_all(self) -> None:
+        """Cancel every sequence running or waiting (any thread may call this)."""
+        for s in [*self.running, *self.waiting]:
+            s.cancel()
+
+    def fail_all(self, message: str) -> list[Event]:
+        """End every sequence the engine holds with `message` and let go of them: the way out
+        when a step itself broke (a bug), so that no caller waits for an event that will not come."""
+        held = [*self._ended, *self.running, *self.waiting]
+        self._ended, self.running, self.waiting = [], [], collections.deque()
+        for s in held:
+            if not s.done:
+                s.fail(message)
+        return [Event(s) for s in held]
+
     def step(self) -> list[Event]:
         """Admit, run one forward pass, choose tokens; return this step's events in order.
 
         Never raises for a failure in the model or in one sequence: what failed ends with an
         error event (a failed pass fails the sequences in it, a failed choice only its own)."""
-        events: list[Event] = [(s, None, "") for s in self._ended]
+        events: list[Event] = [Event(s) for s in self._ended]
         self._ended = []
         for s in [*self.running, *self.waiting]:
             if s.cancelled and not s.done:
                 s.drop()
-                events.append((s, None, ""))
+                events.append(Event(s))
         self.running = [s for s in self.running if not s.done]
         self.waiting = collections.deque(s for s in self.waiting if not s.done)
         while self.waiting and (self.max_batch is None or len(self.running) < self.max_batch):
@@ -122,14 +151,14 @@ class Engine:
             for s, _ in batch:
                 if not s.done:
                     s.fail(f"the forward pass failed: {type(e).__name__}: {e}")
-                    events.append((s, None, ""))
+                    events.append(Event(s))
             return
         for (s, _), row, norm in zip(ready, logits, norms):
             ok, chosen = _guarded(s, events, "choosing a token", s.accept, row, norm)
             if ok:
-                events.append((s, *chosen))
+                events.append(Event(s, *chosen))
 
-    def _positions(self) -> list[tuple[Sequence, int]]:
+    def _positions(self) -> list[tuple[SequenceState, int]]:
         """How many pending positions of each running sequence go into this step's pass: all of a
         decoding sequence's one, and of the prompts being read at most `prefill_chunk` in all."""
         budget = self.prefill_chunk if self.prefill_chunk is not None else float("inf")
@@ -143,9 +172,10 @@ class Engine:
                 batch.append((s, n))
         return batch
 
-    def _score(self, s: Sequence, h: np.ndarray, first: int) -> None:
-        for lo in range(0, len(h), _SCORE_ROWS):
-            s.score_prompt(lm_head(self.params, h[lo:lo + _SCORE_ROWS]), first + lo)
+    def _score(self, s: SequenceState, h: np.ndarray, first: int) -> None:
+        rows = s.score_rows(first, len(h))  # the LM head runs only over the positions that score
+        for lo in range(rows.start, rows.stop, SCORE_ROWS):
+            s.score_prompt(lm_head(self.params, h[lo:min(lo + SCORE_ROWS, rows.stop)]), first + lo)
 
     def events(self) -> Iterator[Event]:
         """Step until every sequence is done, yielding events as they come."""
@@ -158,12 +188,12 @@ class Engine:
             pass
 
 
-def _guarded(s: Sequence, events: list[Event], what: str, f, *args) -> tuple[bool, Any]:
+def _guarded(s: SequenceState, events: list[Event], what: str, f, *args) -> tuple[bool, Any]:
     """(True, f(*args)); or, if it raises, fail `s` alone, add its last event, (False, None)."""
     try:
         return True, f(*args)
     except Exception as e:  # noqa: BLE001 -- one sequence's failure is its own
         s.fail(f"{what} failed: {type(e).__name__}: {e}")
-        events.append((s, None, ""))
+        events.append(Event(s))
         return False, None
 

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .config import GPT2Config
-from .model import Block, LayerNorm, Linear, Params
+from .params import Block, LayerNorm, Linear, Params
 
 
 def layer_norm(x: np.ndarray, p: LayerNorm, eps: float) -> np.ndarray:  # [T, E] -> [T, E]

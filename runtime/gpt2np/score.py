@@ -3,33 +3,37 @@
 Method. The text's tokens are preceded by `<|endoftext|>`, so that the first token is scored too
 (GPT-2 saw that token between documents). Token i is scored by log p(t_i | t_<i). A text longer
 than the context is scored with a sliding window of `n_positions` tokens that advances by
-`stride` (below `n_positions`; default half of it): each window scores only the tokens no earlier window
-scored, so every token is scored exactly once, with at least `n_positions - stride` tokens of
-context once the first window is past. NLL is the sum of −log p over the text's tokens and
+`stride` (below `n_positions`; default half of it): each window scores only the tokens no earlier
+window scored, so every token is scored exactly once, with at least `n_positions - stride` tokens
+of context once the first window is past. NLL is the sum of −log p over the text's tokens and
 perplexity is exp(NLL / number of tokens).
+
+Every window is a sequence of the engine that scores its prompt from its first unscored token
+(`prompt_logprobs`), so texts and their windows are read together, in batches, by the same decode
+loop and the same log-probability expression as echo and prompt log-probabilities.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
-import numpy as np
+from dataclasses import dataclass, field
 
 from .config import GPT2Config
+from .engine import Engine
 from .errors import GPT2Error
-from .model import KVCache, Params, lm_head, transformer
-from .sampling import log_normalizers, logprob
-
-_ROWS_PER_HEAD_PRODUCT = 256  # logits are made this many rows at a time: [256, 50257] is 51 MB
+from .options import Options
 
 
 @dataclass
-class Score:
+class TextScore:
+    """The score of one text: `logprobs[i]` is the natural log-probability of `ids[i]`; `window`
+    and `stride` are the sliding window's. `error` says why a text of a batch could not be scored."""
+
     ids: list[int]
-    logprobs: list[float]  # natural log, one per token of `ids`
-    stride: int
-    window: int
+    logprobs: list[float] = field(default_factory=list)
+    stride: int = 0
+    window: int = 0
+    error: str | None = None
 
     @property
     def nll(self) -> float:
@@ -46,29 +50,47 @@ class Score:
 
 def check_stride(stride: int | None, config: GPT2Config) -> int:
     """The sliding window's stride: `stride` if allowed (`GPT2Error` if not), else half the context."""
-    window = config.n_positions
-    stride = window // 2 if stride is None else stride
-    if type(stride) is not int or not 1 <= stride < window:
-        raise GPT2Error(f"stride must be a whole number from 1 to {window - 1}, got {stride!r}")
+    size = config.n_positions
+    stride = size // 2 if stride is None else stride
+    if type(stride) is not int or not 1 <= stride < size:
+        raise GPT2Error(f"stride must be a whole number from 1 to {size - 1}, got {stride!r}")
     return stride
 
 
-def score(params: Params, config: GPT2Config, ids: list[int], stride: int | None = None) -> Score:
-    """Score token ids as the module docstring describes."""
-    window = config.n_positions
-    stride = check_stride(stride, config)
-    if not ids:
-        raise GPT2Error("there is nothing to score: the text has no tokens")
-    seq = np.asarray([config.eos_token_id, *ids], dtype=np.int64)
-    logprobs: list[float] = []
-    scored, begin = 1, 0  # seq[:scored] needs no score; windows start at `begin`
-    while scored < len(seq):
-        end = min(begin + window, len(seq))
-        h = transformer(params, config, [(seq[begin:end], KVCache(config, end - begin))], all_positions=True)[0]
-        # The hidden state at position j predicts seq[j + 1].
-        for lo in range(scored, end, _ROWS_PER_HEAD_PRODUCT):
-            hi = min(lo + _ROWS_PER_HEAD_PRODUCT, end)
-            logits = lm_head(params, h[lo - 1 - begin:hi - 1 - begin])
-            logprobs += logprob(logits[np.arange(hi - lo), seq[lo:hi]], log_normalizers(logits)).tolist()
+def windows(length: int, size: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first scored) of each window over a sequence of `length` tokens, the first of
+    which (<|endoftext|>) is not scored: windows of `size` that advance by `stride`, each scoring
+    the tokens from `first scored` to its end."""
+    out, scored, begin = [], 1, 0
+    while scored < length:
+        end = min(begin + size, length)
+        out.append((begin, end, scored))
         scored, begin = end, begin + stride
-    return Score(ids=list(ids), logprobs=logprobs, stride=stride, window=window)
+    return out
+
+
+def score_all(engine: Engine, texts: list[list[int]], stride: int | None = None) -> list[TextScore]:
+    """Score each token-id list as the module docstring describes, every window of every text in
+    one run of `engine`; a text that cannot be scored gets a `TextScore` with `error`."""
+    config = engine.config
+    stride = check_stride(stride, config)
+    scoring = Options(n_tokens=0, prompt_logprobs=0)
+    plans: list[list | str] = []
+    for ids in texts:
+        if not ids:
+            plans.append("there is nothing to score: the text has no tokens")
+            continue
+        seq = [config.eos_token_id, *ids]
+        plans.append([(engine.add(seq[b:e], scoring, score_from=first - b), first - b)
+                      for b, e, first in windows(len(seq), config.n_positions, stride)])
+    engine.run()
+    results = []
+    for ids, plan in zip(texts, plans):
+        score = TextScore(list(ids), stride=stride, window=config.n_positions)
+        failed = plan if isinstance(plan, str) else next((s.result.error for s, _ in plan if s.result.error), None)
+        if failed is not None:
+            score.error = failed
+        else:
+            score.logprobs = [lp for s, k in plan for lp in s.result.prompt_logprobs[k:]]
+        results.append(score)
+    return results

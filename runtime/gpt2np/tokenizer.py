@@ -61,7 +61,7 @@ class Tokenizer:
         `from_files` sets it when the files' SHA-256 are those of GPT-2's."""
         self.encoder = encoder
         self._gpt2_vocab = gpt2_vocab
-        self.decoder = {i: s for s, i in encoder.items()}
+        self.id_to_token = {i: s for s, i in encoder.items()}  # the vocabulary string of each id
         self.ranks = {pair: rank for rank, pair in enumerate(merges)}
         self.special_tokens = dict(special_tokens or {})
         if ENDOFTEXT in encoder and not special_tokens:

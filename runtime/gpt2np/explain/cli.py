@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import _read_text, generation_options, run_command
+from ..cli.common import generation_options, read_text, run_command
 from ..outdir import atomic_write
 
 
@@ -29,10 +29,10 @@ def explain(model_dir, prompt, options, output):
     --top-k or --top-p is given, as in gpt-run. Prompt and new tokens together may be at
     most 256 tokens. Errors go to stderr as one line, with exit status 1 (2 for bad usage).
     """
-    from .. import load  # imported here so that --help does not pay for NumPy
+    from ..api import load  # imported here so that --help does not pay for NumPy
     from . import page, report
 
-    text = _read_text("-", "the prompt on stdin") if prompt == "-" else prompt
+    text = read_text("-", "the prompt on stdin") if prompt == "-" else prompt
     model = load(model_dir)
     html = page.render(report(model, text, options.pop("n_tokens", 50), **options)).encode("utf-8")
     if output == "-":

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import warnings
 
 import click
 
-from ..cli import generation_options, run_command
-from ..errors import GPT2Error
+from ..cli.common import generation_options, progress, run_command
+from ..errors import GPT2Error, missing_extra
 from ..outdir import atomic_output_dir
 from . import job
 
@@ -58,28 +59,41 @@ def batch(model_dir, input_path, output_dir, task, address, workers, threads_per
         raise click.UsageError("--stride applies to --task score only")
     chunks, total = job.plan(files)
     out = job.output_folder(output_dir, force, keep=(input_path, model_dir))
+    counts = {"rows": 0, "tokens": 0, "errors": 0}
+    started = time.monotonic()
+
+    def info(rows: int, seconds: float) -> str:
+        s = max(seconds, 1e-9)
+        return (f"{rows}/{total} rows, {rows / s:.1f} rows/s, {counts['tokens'] / s:.0f} tokens/s, "
+                f"{counts['errors']} errors")
+
     with atomic_output_dir(out, force) as tmp:
         shards = job.Shards(tmp)
         try:
-            progress = job.Progress(total, enabled=not quiet and sys.stderr.isatty())
-            run(model_dir, chunks, shards, task, address, workers, threads_per_worker, batch_size, stride, options,
-                progress)
-            elapsed = progress.finish()
+            with progress("gpt-batch", total, info, enabled=not quiet and sys.stderr.isatty()) as advance:
+                def add(rows: int, tokens: int, errors: int) -> None:
+                    counts["rows"] += rows
+                    counts["tokens"] += tokens
+                    counts["errors"] += errors
+                    advance(rows)
+
+                run(model_dir, chunks, shards, task, address, workers, threads_per_worker, batch_size, stride,
+                    options, add)
         finally:
             shards.close()
-        if progress.rows != total:  # each row is written once: anything else is a lost row
-            raise GPT2Error(f"{total - progress.rows} of {total} rows did not come back from Ray; nothing was written")
-    print(f"gpt-batch: {progress.rows} rows ({progress.errors} errors, {progress.tokens} tokens) in "
-          f"{elapsed:.1f} s -> {output_dir}", file=sys.stderr)
+        if counts["rows"] != total:  # each row is written once: anything else is a lost row
+            raise GPT2Error(f"{total - counts['rows']} of {total} rows did not come back from Ray; nothing was written")
+    print(f"gpt-batch: {counts['rows']} rows ({counts['errors']} errors, {counts['tokens']} tokens) in "
+          f"{time.monotonic() - started:.1f} s -> {output_dir}", file=sys.stderr)
 
 
 def run(model_dir, chunks, out, task, address, workers, threads, batch_size, stride, options, progress) -> None:
+    """Run the job on Ray; `progress(rows, tokens, errors)` is told of every batch written."""
     try:
         import ray
         from ray.data import ActorPoolStrategy, DataContext
     except ImportError as e:
-        raise GPT2Error(f"gpt-batch needs the extra 'ray' ({e.name} is not installed): "
-                        "pip install 'gpt2np[ray]'") from None
+        raise missing_extra("gpt-batch", "ray", e) from None
     from . import Generate, Score
 
     started_here = not ray.is_initialized()
@@ -120,7 +134,7 @@ def run(model_dir, chunks, out, task, address, workers, threads, batch_size, str
         for result in ds.iter_batches(batch_size=None, batch_format="numpy"):
             rows = [(r, t) for line, r, t in job.output_rows(result, task) if not (line in seen or seen.add(line))]
             out.write([r for r, _ in rows])
-            progress.add(len(rows), sum(t for _, t in rows), sum("error" in r for r, _ in rows))
+            progress(len(rows), sum(t for _, t in rows), sum("error" in r for r, _ in rows))
     except (KeyboardInterrupt, GPT2Error):
         raise
     except Exception as e:  # noqa: BLE001 -- Ray's wrapping of a remote failure: say it in one line
@@ -136,7 +150,7 @@ def check_every_node(ray, model_dir) -> str:
     actors, on nodes that join later too, check the same). One clear line naming the node if not."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from . import check_model_dir, sums_digest
+    from .nodes import check_model_dir, sums_digest
 
     @ray.remote(num_cpus=0)
     def check(path: str, expect: str | None) -> tuple[str | None, str]:

@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from ..errors import GPT2Error
 from ..outdir import check_output_dir, writing
+from ..prompts import parse_jsonl_line, row_text
 
 CHUNK_LINES = 1000  # lines per parse task, at most
 CHUNK_BYTES = 64 << 20  # bytes per parse task, about
@@ -74,14 +73,11 @@ def plan(files: list[Path], chunk_lines: int = CHUNK_LINES,
     return chunks, rows
 
 
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not JSON")
-
-
 def parse_chunk(chunk: dict, column: str, reserved: tuple[str, ...] = ()) -> Iterator[dict]:
     """The rows of one chunk: `_line` (its line number across the files), `id` (JSON text),
     the prompt or text, the whole input object (`_input`, JSON text) and `error` for a line that
-    is not a usable JSON object. Input fields named like the results (`reserved`) are an error."""
+    is not a usable row (the core's JSON-lines rule). Input fields named like the results
+    (`reserved`) are an error."""
     with open(chunk["path"], "rb") as f:
         f.seek(chunk["start"])
         data = f.read(chunk["end"] - chunk["start"])
@@ -92,31 +88,21 @@ def parse_chunk(chunk: dict, column: str, reserved: tuple[str, ...] = ()) -> Ite
         where = f"{name}:{number - chunk['first_line'] + chunk['file_line']}"
         row = {"_line": number, "id": json.dumps(number), column: None, "_input": None, "error": None}
         try:
-            obj = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-        except UnicodeDecodeError as e:
-            row["error"] = f"{where}: not UTF-8 (byte {e.start})"
-            yield row
-            continue
-        except ValueError as e:
-            row["error"] = f"{where}: not JSON ({e})"
-            yield row
-            continue
-        if not isinstance(obj, dict):
-            row["error"] = f"{where}: not a JSON object"
+            obj = parse_jsonl_line(raw, column)
+        except GPT2Error as e:
+            row["error"] = f"{where}: {e}"
             yield row
             continue
         if obj.get("id") is not None:
             row["id"] = json.dumps(obj["id"], ensure_ascii=False)
         taken = [k for k in reserved if k in obj]
-        value = obj.get(column)
-        if taken:
-            row["error"] = f"{where}: the field {taken[0]!r} is a result's name; rename it"
-            obj = {k: v for k, v in obj.items() if k not in reserved}
-        elif isinstance(value, str):
-            row[column] = value
-        else:
-            row["error"] = f'{where}: no "{column}" string' if value is None else \
-                f'{where}: "{column}" must be a string, not {type(value).__name__}'
+        try:
+            if taken:
+                obj = {k: v for k, v in obj.items() if k not in reserved}
+                raise GPT2Error(f"the field {taken[0]!r} is a result's name; rename it")
+            row[column] = row_text(obj, column)
+        except GPT2Error as e:
+            row["error"] = f"{where}: {e}"
         row["_input"] = json.dumps(obj, ensure_ascii=False)
         yield row
 
@@ -194,34 +180,6 @@ def _plain(value):
     if hasattr(value, "tolist"):
         return value.tolist()
     return value
-
-
-class Progress:
-    """Rows and tokens per second on stderr, redrawn in place when it is a terminal."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled = total, enabled
-        self.rows = self.tokens = self.errors = 0
-        self.started = self.drawn = time.monotonic()
-
-    def add(self, rows: int, tokens: int, errors: int) -> None:
-        self.rows += rows
-        self.tokens += tokens
-        self.errors += errors
-        now = time.monotonic()
-        if self.enabled and (now - self.drawn > 0.2 or self.rows == self.total):
-            self.drawn = now
-            t = max(now - self.started, 1e-9)
-            width = 30
-            done = int(width * self.rows / self.total) if self.total else width
-            sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {self.rows}/{self.total} rows, "
-                             f"{self.rows / t:.1f} rows/s, {self.tokens / t:.0f} tokens/s, {self.errors} errors ")
-            sys.stderr.flush()
-
-    def finish(self) -> float:
-        if self.enabled:
-            sys.stderr.write("\n")
-        return time.monotonic() - self.started
 
 
 def one_line(error: BaseException) -> str:

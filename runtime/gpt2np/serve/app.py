@@ -205,7 +205,7 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(400, "prompt is required", param="prompt")
         tokens = await run_in_threadpool(state.model.encode, req.prompt, allowed_special=True)
         tok = state.model.tokenizer
-        strs = [tok.decoder.get(t) or tok.decode([t]) for t in tokens] if req.return_token_strs else None
+        strs = [tok.id_to_token.get(t) or tok.decode([t]) for t in tokens] if req.return_token_strs else None
         return P.tokenize_response(tokens, state.model.config.n_positions, strs)
 
     @app.post("/detokenize")

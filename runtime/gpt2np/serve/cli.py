@@ -12,8 +12,8 @@ from pathlib import Path
 
 import click
 
-from ..cli import run_command
-from ..errors import GPT2Error
+from ..cli.common import run_command
+from ..errors import GPT2Error, missing_extra
 
 DEFAULT_PREFILL_CHUNK = 32
 
@@ -57,9 +57,8 @@ def serve(model_dir, host, port, model_name, api_key, max_batch, max_queue, pref
 
         from .app import ServerState, create_app
     except ImportError as e:
-        raise GPT2Error(f"gpt-serve needs the extra 'serve' ({e.name} is not installed): "
-                        "pip install 'gpt2np[serve]'") from None
-    from .. import load
+        raise missing_extra("gpt-serve", "serve", e) from None
+    from ..api import load
     from .metrics import Metrics
     from .protocol import MAX_STOP
     from .worker import EngineWorker

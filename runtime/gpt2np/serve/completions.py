@@ -12,7 +12,8 @@ import json
 from typing import AsyncIterator
 
 from ..errors import GPT2Error
-from ..generate import Options, Sequence, check_ids
+from ..options import Options
+from ..sequence import SequenceState
 from . import protocol as P
 from .protocol import APIError, CompletionRequest
 from .worker import EngineWorker, QueueFull
@@ -20,6 +21,16 @@ from .worker import EngineWorker, QueueFull
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 CANCELLED = APIError(503, "the server shut down before the request was finished", type="server_error",
                      code="shutting_down")
+
+PARAMS = {"n_tokens": "max_tokens", "stop_at_eos": "ignore_eos", "prompt_logprobs": "logprobs"}
+"""The core's names (`Options` fields, "prompt") that OpenAI's request spells otherwise."""
+
+
+def invalid(e: GPT2Error, param: str | None = None) -> APIError:
+    """The core's error about a request as OpenAI's 400, its `param` OpenAI's name for the field."""
+    param = param or PARAMS.get(e.field, e.field)
+    message = str(e) if param is None or param in str(e) else f"{param}: {e}"
+    return APIError(400, message, param=param)
 
 
 class Completions:
@@ -29,25 +40,17 @@ class Completions:
 
     # ------------------------------------------------------------------------- request -> sequences
     def prompts(self, req: CompletionRequest) -> list[list[int]]:
-        """The request's prompts as token ids. Text may hold `<|endoftext|>`, which is the special
-        token (as in OpenAI's and vLLM's servers); an empty text means unconditional generation."""
+        """The request's prompts as token ids, by the core's rule, with `<|endoftext|>` in text the
+        special token (as in OpenAI's and vLLM's servers)."""
         p = req.prompt
-        texts_or_ids = [p] if isinstance(p, str) or isinstance(p[0], int) else p
-        out = []
-        for item in texts_or_ids:
-            if isinstance(item, str):
-                out.append(self.model.encode(item, allowed_special=True) or [self.config.eos_token_id])
-            else:
-                out.append(self.token_ids(item, "prompt"))
-        return out
+        return [self.token_ids(item, "prompt") for item in ([p] if isinstance(p, str) or isinstance(p[0], int) else p)]
 
-    def token_ids(self, ids: list[int], param: str) -> list[int]:
-        """Token ids from a request, checked against the vocabulary (400 naming `param` if not)."""
+    def token_ids(self, prompt: str | list[int], param: str) -> list[int]:
+        """Text or token ids from a request as checked ids (400 naming `param` if not)."""
         try:
-            check_ids(ids, self.config)
+            return self.model.prompt_ids(prompt, special=True)
         except GPT2Error as e:
-            raise APIError(400, str(e), param=param) from None
-        return list(ids)
+            raise invalid(e, param) from None
 
     def check_model(self, name: str | None) -> None:
         """404 unless `name` is this server's model (None: the request did not say)."""
@@ -63,20 +66,10 @@ class Completions:
                                 f"{prompt_len + max_tokens} tokens ({prompt_len} in your prompt; {max_tokens} for "
                                 "the completion). Please reduce your prompt or completion length.",
                            param="max_tokens" if prompt_len <= ctx else "prompt", code="context_length_exceeded")
-        bias = {}
-        for key, value in (req.logit_bias or {}).items():
-            if not (key.isascii() and key.isdigit()):
-                raise APIError(400, f"logit_bias keys must be token ids, got {key!r}", param="logit_bias")
-            token = int(key)
-            if token >= self.config.vocab_size:
-                raise APIError(400, f"logit_bias names token {token}, outside the vocabulary", param="logit_bias")
-            bias[token] = float(value)
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > self.max_stop:
             raise APIError(400, f"stop: at most {self.max_stop} stop strings are allowed, got {len(stop)} "
                                 "(gpt-serve --max-stop-strings raises the limit)", param="stop")
-        if any(s == "" for s in stop):
-            raise APIError(400, "stop strings must not be empty", param="stop")
         try:
             return Options(
                 n_tokens=max_tokens,
@@ -86,10 +79,10 @@ class Completions:
                 seed=None if req.seed is None else (req.seed + sample) % 2**63,
                 stop=tuple(stop), stop_at_eos=not req.ignore_eos,
                 presence_penalty=float(req.presence_penalty or 0), frequency_penalty=float(req.frequency_penalty or 0),
-                logit_bias=bias, logprobs=req.logprobs or 0,
+                logit_bias=req.logit_bias or {}, logprobs=req.logprobs or 0,
                 prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None)
         except GPT2Error as e:
-            raise APIError(400, str(e)) from None
+            raise invalid(e) from None
 
     def check(self, req: CompletionRequest) -> None:
         self.check_model(req.model)
@@ -100,7 +93,7 @@ class Completions:
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
 
-    def sequences(self, req: CompletionRequest) -> tuple[list[list[int]], list[Sequence]]:
+    def sequences(self, req: CompletionRequest) -> tuple[list[list[int]], list[SequenceState]]:
         """The request's sequences, checked (APIError if it cannot run). CPU work: tokenizing up
         to MAX_BODY_BYTES of text; handlers run it in a worker thread, off the event loop."""
         self.check(req)
@@ -113,15 +106,16 @@ class Completions:
         seqs = []
         for i, ids in enumerate(prompts):
             for j in range(req.n):
+                opts = self.options(req, len(ids), j)
                 try:
-                    seq = self.worker.engine.sequence(ids, self.options(req, len(ids), j))
+                    seq = self.worker.engine.sequence(ids, opts)
                 except GPT2Error as e:
-                    raise APIError(400, str(e), param="prompt") from None
+                    raise invalid(e) from None
                 seq.tag = i * req.n + j
                 seqs.append(seq)
         return prompts, seqs
 
-    def submit(self, seqs: list[Sequence]) -> asyncio.Queue:
+    def submit(self, seqs: list[SequenceState]) -> asyncio.Queue:
         queue: asyncio.Queue = asyncio.Queue()
         try:
             self.worker.submit(seqs, asyncio.get_running_loop(), queue)
@@ -131,7 +125,7 @@ class Completions:
         return queue
 
     # ------------------------------------------------------------------------- events -> response
-    async def complete(self, req: CompletionRequest, prompts: list[list[int]], seqs: list[Sequence],
+    async def complete(self, req: CompletionRequest, prompts: list[list[int]], seqs: list[SequenceState],
                        is_disconnected) -> dict:
         """The whole response at once; cancels the sequences if the client goes away."""
         queue = self.submit(seqs)
@@ -154,23 +148,36 @@ class Completions:
         self.raise_failure(seqs)
         rid, created = P.completion_id(), P.now()
         choices = []
+        pieces = self.prompt_pieces(req, prompts)
         for seq in seqs:
             text, lp = "", None
             if req.echo:
-                text = self.tokenizer.decode(seq.result.prompt_ids)
+                text = "".join(pieces[seq.tag // req.n])
             text += seq.result.text
             if req.logprobs is not None:
-                builder = LogprobsBuilder(self.tokenizer, seq, req)
-                lp = builder.all()
+                lp = LogprobsBuilder(self.tokenizer, seq, req, pieces[seq.tag // req.n]).all()
             choices.append(P.choice(seq.tag, text, lp, P.FINISH_REASONS.get(seq.result.stop_reason)))
         return P.completion(rid, created, self.model_name, choices, self.usage(prompts, seqs))
 
+    def prompt_pieces(self, req: CompletionRequest, prompts: list[list[int]]) -> list[list[str]]:
+        """Each prompt's tokens as text, decoded once, when echo or logprobs need them (the echo,
+        and the characters that the logprobs' offsets count)."""
+        if not req.echo and req.logprobs is None:
+            return [[] for _ in prompts]
+        out = []
+        for ids in prompts:
+            decoder = self.tokenizer.stream_decoder()
+            pieces = [decoder.feed(t) for t in ids]
+            pieces[-1] += decoder.flush()
+            out.append(pieces)
+        return out
+
     @staticmethod
-    def usage(prompts: list[list[int]], seqs: list[Sequence]) -> dict:
+    def usage(prompts: list[list[int]], seqs: list[SequenceState]) -> dict:
         return P.usage(sum(map(len, prompts)), sum(len(s.result.ids) for s in seqs))
 
     @staticmethod
-    def raise_failure(seqs: list[Sequence]) -> None:
+    def raise_failure(seqs: list[SequenceState]) -> None:
         failed = next((s for s in seqs if s.result.error is not None), None)
         if failed is not None:
             raise APIError(500, f"the generation failed: {failed.result.error}", type="server_error")
@@ -178,7 +185,7 @@ class Completions:
             raise CANCELLED
 
     @staticmethod
-    def failure_event(seq: Sequence, reason: str) -> str | None:
+    def failure_event(seq: SequenceState, reason: str) -> str | None:
         """The SSE error event for a sequence that ended without a result, if it did."""
         if reason == "error":
             body = P.error_body(f"the generation failed: {seq.result.error}", "server_error")
@@ -189,7 +196,7 @@ class Completions:
         return f"data: {json.dumps(body)}\n\n"
 
     async def stream(self, req: CompletionRequest, queue: asyncio.Queue, prompts: list[list[int]],
-                     seqs: list[Sequence], on_close) -> AsyncIterator[str]:
+                     seqs: list[SequenceState], on_close) -> AsyncIterator[str]:
         """Server-sent events: a chunk per piece of text (per token with logprobs), then usage if
         asked, then [DONE]. A client that goes away cancels its sequences (the `finally`)."""
         rid, created = P.completion_id(), P.now()
@@ -202,7 +209,8 @@ class Completions:
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         # Only echo and logprobs need the prompt's text and the token entries.
-        builders = {s.tag: LogprobsBuilder(self.tokenizer, s, req) for s in seqs} \
+        pieces = self.prompt_pieces(req, prompts)
+        builders = {s.tag: LogprobsBuilder(self.tokenizer, s, req, pieces[s.tag // req.n]) for s in seqs} \
             if req.echo or req.logprobs is not None else {}
         started: set[int] = set()
         left = len(seqs)
@@ -210,7 +218,7 @@ class Completions:
             while left:
                 events = await queue.get()
                 out = []
-                for seq, token, text, reason in events:
+                for seq, token, text, token_text, reason in events:
                     left -= reason is not None
                     failure = self.failure_event(seq, reason)
                     if failure:  # cancelled by the server's shutdown, or failed
@@ -222,7 +230,7 @@ class Completions:
                         if req.echo:
                             out.append(chunk(P.choice(seq.tag, b.prompt_text, b.prompt(), None)))
                     finish = P.FINISH_REASONS.get(reason)
-                    lp = b.token(token) if token is not None and req.logprobs is not None else None
+                    lp = b.token(token, token_text) if token is not None and req.logprobs is not None else None
                     if text or lp or finish:
                         out.append(chunk(P.choice(seq.tag, text, lp, finish)))
                 if out:
@@ -241,15 +249,16 @@ class LogprobsBuilder:
     """OpenAI's `logprobs` object for one choice: `tokens` (each token's text; `bytes:\\xNN...`
     when a token is not valid UTF-8 by itself), `token_logprobs`, `top_logprobs` (the `logprobs`
     most likely tokens and the chosen one) and `text_offset` (each token's first character in the
-    prompt followed by the completion)."""
+    prompt followed by the completion). Each token's text comes decoded: the prompt's from
+    `prompt_pieces`, the completion's from the engine (`Generation.token_texts`)."""
 
-    def __init__(self, tokenizer, seq: Sequence, req: CompletionRequest):
+    def __init__(self, tokenizer, seq: SequenceState, req: CompletionRequest, prompt_pieces: list[str]):
         self.tokenizer, self.seq, self.req = tokenizer, seq, req
         self.generated = 0
-        self.prompt_text = tokenizer.decode(seq.result.prompt_ids)
-        # The completion's text is decoded on its own (as the engine does), after the prompt's:
-        # without echo, its offsets still count the prompt's characters, as OpenAI's do.
-        self.decoder, self.offset = tokenizer.stream_decoder(), 0 if req.echo else len(self.prompt_text)
+        self.prompt_pieces = prompt_pieces
+        self.prompt_text = "".join(prompt_pieces)
+        # Without echo, the completion's offsets still count the prompt's characters, as OpenAI's do.
+        self.offset = 0 if req.echo else len(self.prompt_text)
 
     def name(self, token: int) -> str:
         raw = self.tokenizer.decode_bytes([token])
@@ -258,12 +267,12 @@ class LogprobsBuilder:
         except UnicodeDecodeError:
             return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
-    def _entries(self, ids, lps, tops) -> dict:
+    def _entries(self, ids, texts, lps, tops) -> dict:
         tokens, offsets, top_out = [], [], []
-        for t, lp, top in zip(ids, lps, tops):
+        for t, text, lp, top in zip(ids, texts, lps, tops):
             tokens.append(self.name(t))
             offsets.append(self.offset)
-            self.offset += len(self.decoder.feed(t))
+            self.offset += len(text)
             if top is None:
                 top_out.append(None)
             else:
@@ -277,20 +286,21 @@ class LogprobsBuilder:
         r = self.seq.result
         if self.req.logprobs is None:
             return None
-        entries = self._entries(r.prompt_ids, r.prompt_logprobs, r.prompt_top_logprobs)
-        self.decoder, self.offset = self.tokenizer.stream_decoder(), len(self.prompt_text)
+        entries = self._entries(r.prompt_ids, self.prompt_pieces, r.prompt_logprobs, r.prompt_top_logprobs)
+        self.offset = len(self.prompt_text)
         return entries
 
-    def token(self, token: int) -> dict:
-        """The entries of the newest generated token."""
+    def token(self, token: int, text: str) -> dict:
+        """The entries of the newest generated token, whose own text is `text`."""
         r, k = self.seq.result, self.generated
         self.generated += 1
         top = r.top_logprobs[k] if r.top_logprobs else {}
-        return self._entries([token], [r.logprobs[k]], [top])
+        return self._entries([token], [text], [r.logprobs[k]], [top])
 
     def all(self) -> dict:
+        r = self.seq.result
         parts = [self.prompt()] if self.req.echo else []
-        parts += [self.token(t) for t in self.seq.result.ids]
+        parts += [self.token(t, text) for t, text in zip(r.ids, r.token_texts)]
         merged = P.logprobs([], [], [], [])
         for part in parts:
             for key in merged:

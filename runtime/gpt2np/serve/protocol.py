@@ -56,9 +56,11 @@ class CompletionRequest(_Strict):
     model: StrictStr
     prompt: Union[StrictStr, Annotated[list[StrictStr], Field(min_length=1)], TokenIds,
                   Annotated[list[TokenIds], Field(min_length=1)]]
-    max_tokens: Optional[Annotated[StrictInt, Field(ge=0)]] = 16
-    temperature: Optional[Annotated[Number, Field(ge=0, le=2)]] = None
-    top_p: Optional[Annotated[Number, Field(gt=0, le=1)]] = None
+    # Values are checked by `gpt2np.Options` (its errors name OpenAI's params); these types and the
+    # limits below are OpenAI's own (temperature at most 2, logprobs at most 5, n, seed within int64).
+    max_tokens: Optional[StrictInt] = 16
+    temperature: Optional[Annotated[Number, Field(le=2)]] = None
+    top_p: Optional[Number] = None
     top_k: Optional[Annotated[StrictInt, Field(ge=-1)]] = None
     n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
     best_of: Optional[StrictInt] = None
@@ -67,10 +69,10 @@ class CompletionRequest(_Strict):
     logprobs: Optional[Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)]] = None
     echo: StrictBool = False
     stop: Optional[Union[StopString, list[StopString]]] = None  # how many: the server's --max-stop-strings
-    seed: Optional[Annotated[StrictInt, Field(ge=0, lt=2**63)]] = None
-    presence_penalty: Optional[Annotated[Number, Field(ge=-2, le=2)]] = 0.0
-    frequency_penalty: Optional[Annotated[Number, Field(ge=-2, le=2)]] = 0.0
-    logit_bias: Optional[dict[StrictStr, Annotated[Number, Field(ge=-100, le=100)]]] = None
+    seed: Optional[Annotated[StrictInt, Field(lt=2**63)]] = None
+    presence_penalty: Optional[Number] = 0.0
+    frequency_penalty: Optional[Number] = 0.0
+    logit_bias: Optional[dict[StrictStr, Number]] = None
     user: Optional[StrictStr] = None
     suffix: Optional[StrictStr] = None
     ignore_eos: StrictBool = False
@@ -153,7 +155,7 @@ def model_card(name: str, created: int, max_model_len: int) -> dict:
 def tokenizer_info(tokenizer, eos_token_id: int, max_model_len: int) -> dict:
     """GET /tokenizer_info, as vLLM answers it for Hugging Face's GPT-2 tokenizer: the tokenizer's
     class and its configuration (no `chat_template`: GPT-2 has none)."""
-    eos = tokenizer.decoder.get(eos_token_id)
+    eos = tokenizer.id_to_token.get(eos_token_id)
     return {"tokenizer_class": "GPT2TokenizerFast", "add_bos_token": False, "add_prefix_space": False,
             "bos_token": eos, "eos_token": eos, "unk_token": eos, "pad_token": None,
             "clean_up_tokenization_spaces": False, "errors": "replace", "model_max_length": max_model_len,
@@ -175,9 +177,8 @@ def now() -> int:
 EXPECTED = {
     "prompt": "a string, a list of strings, a list of token ids, or a list of lists of token ids (none empty)",
     "stop": f"a string or a list of strings, each at most {MAX_STOP_CHARS} characters",
-    "temperature": "a number from 0 to 2", "top_p": "a number above 0, at most 1",
-    "presence_penalty": "a number from -2 to 2", "frequency_penalty": "a number from -2 to 2",
-    "logit_bias": "an object mapping token ids to numbers from -100 to 100",
+    "temperature": "a number", "top_p": "a number", "presence_penalty": "a number", "frequency_penalty": "a number",
+    "logit_bias": "an object mapping token ids to numbers",
 }
 
 

@@ -4,7 +4,7 @@ HTTP handlers run on the asyncio event loop; the engine runs on its own thread (
 the GIL in BLAS, so the loop stays responsive while a step computes). Handlers hand sequences to
 `submit`, which checks the capacity (running + waiting <= max_batch + max_queue) and wakes the
 thread; the thread adds them to the engine between steps and, after every step, delivers each
-request's events to its asyncio queue in one call. A handler cancels by `Sequence.cancel()`: the
+request's events to its asyncio queue in one call. A handler cancels by `SequenceState.cancel()`: the
 sequence leaves at the engine's next step.
 """
 
@@ -17,14 +17,14 @@ import time
 from typing import Callable
 
 from ..engine import Engine, Event
-from ..generate import Sequence
+from ..sequence import SequenceState
 from .metrics import Metrics
 
 log = logging.getLogger("gpt2np.serve")
 
-Update = tuple[Sequence, "int | None", str, "str | None"]
-"""An engine event as the handlers get it: (sequence, token or None, text, stop reason if this
-was the sequence's last event else None). The reason is read when the step ends, since the
+Update = tuple[SequenceState, "int | None", str, str, "str | None"]
+"""An engine event as the handlers get it: (sequence, token or None, text, the token's own text,
+stop reason if this was the sequence's last event else None). The reason is read when the step ends, since the
 sequence object goes on changing while the handler reads older events."""
 
 Listener = Callable[[list[Update]], None]
@@ -39,9 +39,8 @@ class EngineWorker:
         self.engine, self.max_queue, self.metrics = engine, max_queue, metrics
         self.capacity = engine.max_batch + max_queue
         self._lock = threading.Condition()
-        self._inbox: list[tuple[Sequence, Listener]] = []
+        self._inbox: list[tuple[SequenceState, Listener]] = []
         self._listeners: dict[int, Listener] = {}  # id(sequence) -> its request's listener
-        self._sequences: dict[int, Sequence] = {}  # every sequence handed to the engine, until done
         self._last_token_at: dict[int, float] = {}
         self.active = 0  # sequences submitted and not yet done
         self.running = 0  # sequences in the batch after the last step
@@ -61,7 +60,7 @@ class EngineWorker:
             self._lock.notify()
         self._thread.join(timeout=30)
 
-    def submit(self, seqs: list[Sequence], loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
+    def submit(self, seqs: list[SequenceState], loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
         """Hand over one request's sequences; their events arrive in `queue`, a list per step.
         Raises QueueFull if they do not fit: nothing is queued then."""
         def listener(events: list[Update]) -> None:
@@ -80,8 +79,7 @@ class EngineWorker:
         with self._lock:
             for s, _ in self._inbox:
                 s.cancel()
-        for s in [*self.engine.running, *self.engine.waiting]:
-            s.cancel()
+        self.engine.cancel_all()
 
     def _loop(self) -> None:
         while True:
@@ -93,7 +91,6 @@ class EngineWorker:
                 new, self._inbox = self._inbox, []
             for seq, listener in new:
                 self._listeners[id(seq)] = listener
-                self._sequences[id(seq)] = seq
                 self.engine.submit(seq)
             try:
                 events = self.engine.step()
@@ -101,18 +98,13 @@ class EngineWorker:
                 # Engine.step fails sequences, not itself; this is a bug. Fail everything it
                 # holds, so that no request waits for an event that will not come.
                 log.exception("engine step failed")
-                events = []
-                for s in self._sequences.values():
-                    if not s.done:
-                        s.fail("internal error in the engine")
-                    events.append((s, None, ""))
-                self.engine.running, self.engine.waiting = [], type(self.engine.waiting)()
+                events = self.engine.fail_all("internal error in the engine")
             self.running = len(self.engine.running)
             self._deliver(events)
 
     def _deliver(self, events: list[Event]) -> None:
         now, by_listener, done = time.perf_counter(), {}, 0
-        for seq, token, text in events:
+        for seq, token, text, token_text in events:
             key = id(seq)
             if token is not None:
                 self.metrics.generation_tokens.inc()
@@ -126,13 +118,12 @@ class EngineWorker:
                 done += 1
                 self._last_token_at.pop(key, None)
                 self.metrics.finished.labels(seq.result.stop_reason).inc()
-                self._sequences.pop(key, None)
                 listener = self._listeners.pop(key, None)
             else:
                 listener = self._listeners.get(key)
             if listener is not None:
                 by_listener.setdefault(listener, []).append(
-                    (seq, token, text, seq.result.stop_reason if seq.done else None))
+                    (seq, token, text, token_text, seq.result.stop_reason if seq.done else None))
         if done:
             with self._lock:
                 self.active -= done

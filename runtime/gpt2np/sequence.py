@@ -1,0 +1,248 @@
+"""One generation: its state while it decodes (`SequenceState`) and its outcome (`Generation`).
+
+The loop that steps many sequences together is `gpt2np.engine.Engine`. A sequence knows how to
+turn the logits of its next position into a token, text, log-probabilities and a stopping point;
+the engine decides which positions of which sequences go into each forward pass.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .config import GPT2Config
+from .errors import GPT2Error
+from .model import KVCache
+from .options import Options
+from .prompts import check_ids
+from .sampling import choose, log_normalizer, log_normalizers, token_logprob, top_logprobs
+from .stops import StopStrings
+from .tokenizer import Tokenizer
+
+STOP_REASONS = {
+    "eos": "the model produced <|endoftext|>",
+    "stop": "the text reached one of the stop strings",
+    "length": "the requested number of tokens was generated",
+    "context": "the model's context is full (use the sliding window to go on)",
+    "cancelled": "the caller cancelled the generation",
+    "error": "the generation failed: see its error",
+}
+
+
+@dataclass
+class Generation:
+    """The outcome of one prompt.
+
+    `ids` are all generated tokens (including an `<|endoftext|>` or the token that completed a
+    stop string); `text` is what was streamed: their text up to, not including, the stop string
+    or `<|endoftext|>`. `logprobs[i]` is the model's log-probability of `ids[i]` (temperature 1,
+    before penalties, bias or filtering); with the option `logprobs=N`, `top_logprobs[i]` maps the
+    N most likely token ids at that step to theirs. With `prompt_logprobs`, `prompt_logprobs[i]` is
+    the log-probability of `prompt_ids[i]` given the tokens before it (None for the first).
+    `token_texts[i]` is the text `ids[i]` decoded to, in order (a UTF-8 character split across
+    tokens comes with the token that completes it; the stop string's text too): each token's text
+    is decoded once, here, and every front door reads it from here or from the engine's events.
+    `stop_reason` is a key of `STOP_REASONS`; `error` says what went wrong when it is "error".
+    Timings: `queue_s` waiting for a place in the batch, `prefill_s` from then to the first
+    token, `decode_s` from the first token to the last.
+    """
+
+    prompt_ids: list[int]
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[float] = field(default_factory=list)
+    token_texts: list[str] = field(default_factory=list)
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    prompt_logprobs: list[float | None] = field(default_factory=list)
+    prompt_top_logprobs: list[dict[int, float] | None] = field(default_factory=list)
+    stop_reason: str = ""
+    error: str | None = None
+    queue_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode speed: the first token comes with the prompt pass, each later one costs a step."""
+        return (len(self.ids) - 1) / self.decode_s if len(self.ids) > 1 and self.decode_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        d = {"prompt_ids": self.prompt_ids, "ids": self.ids, "text": self.text, "logprobs": self.logprobs,
+             "stop_reason": self.stop_reason,
+             "timings": {"prefill_s": self.prefill_s, "decode_s": self.decode_s, "tokens_per_s": self.tokens_per_s}}
+        if self.top_logprobs:
+            d["top_logprobs"] = [{str(k): v for k, v in t.items()} for t in self.top_logprobs]
+        if self.prompt_logprobs:
+            d["prompt_logprobs"] = self.prompt_logprobs
+        if self.error is not None:
+            d["error"] = self.error
+        return d
+
+
+class SequenceState:
+    """One prompt's state while it waits, reads its prompt and decodes.
+
+    `pending` holds the positions still to run before the next token can be chosen: the prompt
+    (or the part of it not yet read), then one token at a time. The engine runs some or all of
+    them and, once none is left, hands the logits of the last one to `accept`. `cancel()` may be
+    called from any thread; the engine drops the sequence at its next step.
+    """
+
+    def __init__(self, prompt_ids: list[int], options: Options, config: GPT2Config, tokenizer: Tokenizer,
+                 error: str | None = None, score_from: int = 1):
+        self.result = Generation(prompt_ids=list(prompt_ids))
+        self.options, self.config, self.tokenizer = options, config, tokenizer
+        self.context = list(prompt_ids)  # prompt and generated tokens: what a sliding window restarts from
+        self.cancelled = False
+        self.done = False
+        self.cache: KVCache | None = None  # allocated when the engine admits the sequence
+        self.submitted_at = time.perf_counter()
+        self.admitted_at = self.first_token_at = self.finished_at = 0.0
+        self.tag: Any = None  # for the caller: which request or prompt this is
+        if error is not None:
+            self.fail(error)
+            return
+        n = config.n_positions
+        if not prompt_ids:
+            raise GPT2Error("a prompt is empty (start it with <|endoftext|> for unconditional text)", "prompt")
+        check_ids(prompt_ids, config)
+        for token, _ in options.logit_bias:
+            if token >= config.vocab_size:
+                raise GPT2Error(f"logit_bias names token {token}, outside the vocabulary (0..{config.vocab_size - 1})",
+                                "logit_bias")
+        if len(prompt_ids) > n and not options.sliding_window:
+            raise GPT2Error(f"the prompt is {len(prompt_ids)} tokens; the model's context is {n} "
+                            "(the sliding window keeps only the most recent part)", "prompt")
+        self.rng = options.sampling.rng()
+        self.text_decoder = tokenizer.stream_decoder()
+        self.stops = StopStrings(options.stop)
+        self.counts: dict[int, int] = {}  # generated tokens, for the penalties
+        self.scoring = options.prompt_logprobs is not None  # the prompt's own tokens are being scored
+        self.score_from = max(1, score_from)  # the first prompt token scored (a scoring window's own part)
+        if self.scoring:
+            self.result.prompt_logprobs += [None] * min(self.score_from, len(prompt_ids))
+            self.result.prompt_top_logprobs += [None] * min(self.score_from, len(prompt_ids))
+        keep = self.slide_keep
+        self.pending = np.asarray(self.context[-keep:] if len(prompt_ids) > n else self.context, np.int64)
+        self.reading = True  # pending holds a prompt (or a window to recompute), not one new token
+        if options.n_tokens == 0 and not self.scoring:
+            self._finish("length", "", flush=False)
+
+    @property
+    def slide_keep(self) -> int:
+        """How many recent tokens the sliding window keeps when the context is full."""
+        return self.config.n_positions // 2
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def admit(self) -> None:
+        """Take a place in the batch: allocate the cache for the prompt and every new token."""
+        self.admitted_at = time.perf_counter()
+        self.result.queue_s = self.admitted_at - self.submitted_at
+        self._new_cache(len(self.pending))
+
+    def _new_cache(self, n_ids: int) -> None:
+        left = self.options.n_tokens - len(self.result.ids)
+        self.cache = KVCache(self.config, min(self.config.n_positions, n_ids + left))
+
+    def score_rows(self, first: int, n: int) -> slice:
+        """Of the n positions first, first+1, ... just read, those whose logits score a prompt token
+        from `score_from` on (position j predicts prompt token j + 1)."""
+        begin = min(max(0, self.score_from - 1 - first), n)
+        end = max(begin, min(n, len(self.result.prompt_ids) - 1 - first))
+        return slice(begin, end)
+
+    def score_prompt(self, logits: np.ndarray, first: int) -> None:
+        """Record the prompt's log-probabilities from the logits of its positions first, first+1, ...
+        (position j predicts prompt token j + 1)."""
+        opts, r, prompt = self.options, self.result, self.result.prompt_ids
+        logits = logits[:max(0, len(prompt) - 1 - first)]  # the last prompt position predicts no prompt token
+        if not len(logits):
+            return
+        for j, (row, norm) in enumerate(zip(logits, zip(*log_normalizers(logits))), start=first):
+            r.prompt_logprobs.append(token_logprob(row, prompt[j + 1], norm))
+            r.prompt_top_logprobs.append(top_logprobs(row, opts.prompt_logprobs, norm) if opts.prompt_logprobs else {})
+
+    def accept(self, logits: np.ndarray, norm: tuple | None = None) -> tuple[int | None, str, str]:
+        """Choose the next token from the logits of the last position; return it, the text it
+        releases (held back while it may begin a stop string) and its own decoded text. A sequence
+        that only scores its prompt (no new tokens) finishes here instead. `norm`:
+        `log_normalizer(logits)`, if the caller made it (for a batch, in one pass)."""
+        r, opts = self.result, self.options
+        now = time.perf_counter()
+        if not r.ids:
+            self.first_token_at = now
+            r.prefill_s = now - self.admitted_at
+        self.scoring = self.reading = False
+        if opts.n_tokens == 0:
+            return None, self._finish("length", "", flush=False), ""
+        z = self._adjusted(logits) if opts.adjusts_logits else logits
+        token = choose(z, opts.sampling, self.rng)
+        r.ids.append(token)
+        norm = norm or log_normalizer(logits)
+        r.logprobs.append(token_logprob(logits, token, norm))
+        if opts.logprobs:
+            r.top_logprobs.append(top_logprobs(logits, opts.logprobs, norm))
+        self.context.append(token)
+        self.counts[token] = self.counts.get(token, 0) + 1
+        if opts.stop_at_eos and token == self.config.eos_token_id:
+            r.token_texts.append("")
+            return token, self._finish("eos", ""), ""
+        piece = self.text_decoder.feed(token)
+        r.token_texts.append(piece)
+        text, stopped = self.stops.feed(piece)
+        if stopped:
+            return token, self._finish("stop", text, flush=False), piece
+        if len(r.ids) == opts.n_tokens:
+            return token, self._finish("length", text), r.token_texts[-1]
+        if self.cache.length == self.config.n_positions:
+            if not opts.sliding_window:
+                return token, self._finish("context", text), r.token_texts[-1]
+            self.pending = np.asarray(self.context[-self.slide_keep:], np.int64)
+            self.reading = True
+            self._new_cache(len(self.pending))
+        else:
+            self.pending = np.array([token])
+        r.text += text
+        return token, text, piece
+
+    def _adjusted(self, logits: np.ndarray) -> np.ndarray:
+        """The logits after OpenAI's penalties (on tokens generated so far) and the logit bias."""
+        opts, z = self.options, logits.copy()
+        if self.counts:
+            ids = np.fromiter(self.counts, np.int64, len(self.counts))
+            counts = np.fromiter(self.counts.values(), np.float32, len(self.counts))
+            z[ids] -= np.float32(opts.frequency_penalty) * counts + np.float32(opts.presence_penalty)
+        for token, bias in opts.logit_bias:
+            z[token] += np.float32(bias)
+        return z
+
+    def _finish(self, reason: str, text: str, flush: bool = True) -> str:
+        if flush:  # a trailing partial UTF-8 character, then anything held for the stop strings
+            rest = self.text_decoder.flush()
+            if rest and self.result.token_texts:
+                self.result.token_texts[-1] += rest
+            tail, stopped = self.stops.feed(rest)
+            text += tail if stopped else tail + self.stops.flush()
+            reason = "stop" if stopped else reason
+        self.done = True
+        self.cache = None  # the memory goes back now, not when the caller lets go of the sequence
+        self.finished_at = time.perf_counter()
+        r = self.result
+        r.stop_reason = reason
+        r.text += text
+        if self.first_token_at:
+            r.decode_s = self.finished_at - self.first_token_at
+        return text
+
+    def fail(self, message: str) -> None:
+        self.result.error = message
+        self._finish("error", "", flush=False)
+
+    def drop(self) -> None:
+        """End a cancelled sequence: what it generated so far stays in its result."""
+        self._finish("cancelled", "", flush=False)
