@@ -43,7 +43,7 @@ test: install browser
 
 ## fuzz: the fuzz tests with a large budget (20,000 examples each; CI runs 200)
 fuzz: install
-	GPT2NP_FUZZ_EXAMPLES=$${GPT2NP_FUZZ_EXAMPLES:-20000} $(BIN)/python -m pytest -q tests/test_fuzz.py
+	GPT2NP_FUZZ_EXAMPLES=$${GPT2NP_FUZZ_EXAMPLES:-20000} $(BIN)/python -m pytest -q tests/core/test_fuzz.py
 
 ## bench: speed against this machine's ceilings, then beside CTranslate2 and transformers if installed
 ##        (see bench-peers); writes bench/results/{RESULTS.md,PEERS.md} with their .json and .png

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))  # checkpoints, the TF reference, servers
 
 from make_checkpoint import random_openai_weights, save_checkpoint  # noqa: E402
 

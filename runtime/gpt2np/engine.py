@@ -89,9 +89,9 @@ class Engine:
         return not (self.waiting or self.running or self._ended)
 
     @property
-    def active(self) -> int:
-        """Sequences running or waiting."""
-        return len(self.running) + len(self.waiting)
+    def n_running(self) -> int:
+        """Sequences in the batch (after the last step)."""
+        return len(self.running)
 
     def cancel_all(self) -> None:
         """Cancel every sequence running or waiting (any thread may call this)."""

@@ -99,7 +99,7 @@ class EngineWorker:
                 # holds, so that no request waits for an event that will not come.
                 log.exception("engine step failed")
                 events = self.engine.fail_all("internal error in the engine")
-            self.running = len(self.engine.running)
+            self.running = self.engine.n_running
             self._deliver(events)
 
     def _deliver(self, events: list[Event]) -> None:

@@ -4,7 +4,7 @@ A folder with the seven files of `gpt-2/models/<MODEL>/`: `checkpoint`, `encoder
 `model.ckpt.data-00000-of-00001`, `model.ckpt.index`, `model.ckpt.meta`, `vocab.bpe`; variables under
 TF1 names (`model/h0/attn/c_attn/w`, [1, E, 3E]) saved by `tf.compat.v1.train.Saver`.
 
-    python tests/make_checkpoint.py OUT_DIR [--n-layer 2 --n-embd 64 --n-head 4 --n-ctx 64 --seed 0]
+    python tests/helpers/make_checkpoint.py OUT_DIR [--n-layer 2 --n-embd 64 --n-head 4 --n-ctx 64 --seed 0]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-BPE_DIR = Path(__file__).parent / "data" / "gpt2-bpe"
+BPE_DIR = Path(__file__).parent.parent / "data" / "gpt2-bpe"
 SEVEN_FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001",
                "model.ckpt.index", "model.ckpt.meta", "vocab.bpe")
 

@@ -1,5 +1,5 @@
-"""Faults and interruptions: kills, full disks, size limits, read-only places, corruption, races,
-Ctrl-C and closed pipes. Nothing complete may be lost, nothing half-written may appear."""
+"""The converter under faults: kills, full disks, size limits, read-only places, corruption, races.
+Nothing complete may be lost, nothing half-written may appear. (gpt-run's: tests/cli/test_run_faults.py.)"""
 
 import resource
 import shutil
@@ -186,35 +186,3 @@ def test_integrity_is_recorded_and_verified(small_checkpoint, tmp_path):
     assert "model.safetensors differs" in err and "vocab.json missing" in err and "config.json" not in err
     no_sums = run_cli("gpt-run", str(tmp_path), "--verify")
     assert no_sums.returncode == 1 and b"no SHA256SUMS" in no_sums.stderr
-
-
-def test_ctrl_c_stops_at_once_with_the_text_so_far(model_124M_dir):
-    proc = subprocess.Popen([str(BIN / "gpt-run"), str(model_124M_dir), "Hello", "-n", "500", "--ignore-eos"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    first = proc.stdout.read1(64)
-    assert first and proc.poll() is None
-    proc.send_signal(signal.SIGINT)
-    sent = time.monotonic()
-    rest, err = proc.communicate(timeout=30)
-    assert time.monotonic() - sent < 2.0
-    assert proc.returncode == 130 and b"Traceback" not in err
-    expected = gpt2np.load(model_124M_dir).complete("Hello", 500, stop_at_eos=False).text.encode()
-    printed = first + rest
-    assert expected.startswith(printed) and len(printed) < len(expected)  # the text so far, flushed
-
-
-def test_closed_pipe_ends_quietly(model_124M_dir):
-    pipeline = f"set -o pipefail; '{BIN / 'gpt-run'}' '{model_124M_dir}' Hello -n 300 --ignore-eos | head -c 20"
-    proc = subprocess.Popen(["bash", "-c", pipeline], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = proc.communicate(timeout=120)
-    # Quiet: no traceback, no message; status 1 from gpt-run (pipefail), Python's convention for EPIPE.
-    assert len(out) == 20 and err == b"" and proc.returncode == 1
-
-
-@pytest.mark.parametrize("flag", ["--prompts-file", "--score"])
-def test_files_that_are_not_utf8(small_model_dir, tmp_path, flag):
-    bad = tmp_path / "latin1.txt"
-    bad.write_bytes("café au lait\n".encode("latin-1"))
-    result = run_cli("gpt-run", str(small_model_dir), flag, str(bad))
-    err = result.stderr.decode()
-    assert result.returncode == 1 and len(err.splitlines()) == 1 and "not valid UTF-8 (byte 3)" in err, err

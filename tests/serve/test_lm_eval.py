@@ -69,16 +69,25 @@ def model(small_model_dir):
     return gpt2np.load(small_model_dir)
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["open", "with an API key"])
-def server(request, small_model_dir):
+def serve(model_dir, api_key: str | None):
     # lm-eval sends a task's `until` plus <|endoftext|>: more stop strings than OpenAI's 4.
-    key = ("--api-key", API_KEY) if request.param else ()
-    with ServerProcess(small_model_dir, "--model-name", MODEL, "--max-batch", "6", "--prefill-chunk", "16",
+    key = ("--api-key", api_key) if api_key else ()
+    with ServerProcess(model_dir, "--model-name", MODEL, "--max-batch", "6", "--prefill-chunk", "16",
                        "--max-stop-strings", "8", *key) as s:
-        s.api_key = API_KEY if request.param else None
+        s.api_key = api_key
         yield s
         output = s.output()
     assert "Traceback" not in output, output
+
+
+@pytest.fixture(scope="module")
+def open_server(small_model_dir):
+    yield from serve(small_model_dir, None)
+
+
+@pytest.fixture(scope="module")
+def keyed_server(small_model_dir):
+    yield from serve(small_model_dir, API_KEY)
 
 
 def boundary_stop(model, context: str) -> str:
@@ -201,9 +210,9 @@ def close(got: str | float, expected: float) -> bool:
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_lm_eval_numbers_equal_the_in_process_model(server, tasks, model, small_model_dir, tmp_path, mode):
-    if (server.api_key is not None) != (mode == "remote tokenizer"):
-        pytest.skip("the remote tokenizer runs against the server with an API key, the others against the open one")
+def test_lm_eval_numbers_equal_the_in_process_model(request, tasks, model, small_model_dir, tmp_path, mode):
+    # the remote tokenizer against a server with an API key, the other modes against an open one
+    server = request.getfixturevalue("keyed_server" if mode == "remote tokenizer" else "open_server")
     tasks_dir, stops = tasks
     errors_before = server_errors(server)
     samples = run_lm_eval(server, tasks_dir, mode, small_model_dir, tmp_path)
