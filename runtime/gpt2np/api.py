@@ -16,7 +16,7 @@ from .errors import GPT2Error
 from .model import KVCache, forward
 from .options import Options
 from .params import Params
-from .prompts import check_ids, prompt_ids
+from .prompts import check_ids, prompt_ids, text_ids
 from .reference import Trace
 from .score import TextScore, score_all
 from .sequence import Generation, SequenceState
@@ -129,7 +129,7 @@ class GPT2:
         [n_layer, n_head, T, T] (softmax probabilities, zero above the diagonal) and
         `Trace.logits` [T, vocab_size], all float32. It runs `gpt2np.reference`, the plain
         full-recompute forward pass that reads like the math (its logits equal `logits(ids)`)."""
-        arr = check_ids(self.encode(ids) if isinstance(ids, str) else ids, self.config)
+        arr = np.asarray(text_ids(ids, self.tokenizer, self.config), np.int64)
         if not 0 < len(arr) <= self.config.n_positions:
             raise GPT2Error(f"trace needs 1 to {self.config.n_positions} tokens, got {len(arr)}")
         return reference.trace(self.params, self.config, arr)
@@ -211,13 +211,13 @@ class GPT2:
 
     def score(self, text: str | Sequence[int], *, stride: int | None = None) -> TextScore:
         """Per-token log-probabilities, NLL and perplexity of `text` (see `gpt2np.score`)."""
-        (result,) = self.score_batch([text], stride=stride, strict=True)
+        (result,) = self.score_batch([text], stride=stride, strict=True, max_batch=1)  # one window's memory
         return result
 
     def score_batch(self, texts: Sequence[str | Sequence[int]], *, stride: int | None = None,
                     strict: bool = False, max_batch: int = SCORE_BATCH) -> list[TextScore]:
         """`score` of each text, read together: every window of every text is a sequence of one
-        engine run, at most `max_batch` at once. A text that cannot be scored gets a result with
+        engine run, at most `max_batch` at once (each holds a KV cache of up to the context). A text that cannot be scored gets a result with
         `error` (with `strict`, a `GPT2Error`); so does a text given as a `GPT2Error` (a row known
         to fail: an earlier stage's error)."""
         ids, errors = [], []
@@ -225,19 +225,14 @@ class GPT2:
             try:
                 if isinstance(text, GPT2Error):  # a row known to fail (an earlier stage's error)
                     raise text
-                if isinstance(text, str):
-                    ids.append(self.encode(text))
-                elif isinstance(text, (list, tuple, np.ndarray)):
-                    ids.append([int(i) for i in check_ids(text, self.config)])
-                else:
-                    raise GPT2Error(f"a text to score must be a string or token ids, not {type(text).__name__}")
+                ids.append(text_ids(text, self.tokenizer, self.config))
                 errors.append(None)
             except GPT2Error as e:
                 if strict:
                     raise
                 ids.append(None)
                 errors.append(str(e))
-        scored = iter(score_all(self.engine(max_batch=max_batch), [i for i in ids if i is not None], stride))
+        scored = iter(score_all(self.engine(), [i for i in ids if i is not None], stride, max_batch))
         results = [next(scored) if e is None else TextScore([], error=e) for e in errors]
         failed = next((r.error for r in results if r.error), None)
         if strict and failed:

@@ -61,6 +61,7 @@ class Engine:
         self.waiting: collections.deque[SequenceState] = collections.deque()
         self.running: list[SequenceState] = []
         self._ended: list[SequenceState] = []  # done before they ran: reported at the next step
+        self._held: dict[int, SequenceState] = {}  # every sequence submitted, until its last event is out
 
     def add(self, prompt_ids: list[int], options: Options, tag=None, score_from: int = 1) -> SequenceState:
         """Queue a prompt. Raises `GPT2Error` if it cannot run (nothing is queued then)."""
@@ -81,6 +82,7 @@ class Engine:
         """Queue a sequence made by `sequence`; it joins the batch at a coming step."""
         if tag is not None:
             seq.tag = tag
+        self._held[id(seq)] = seq
         (self._ended if seq.done else self.waiting).append(seq)
         return seq
 
@@ -94,15 +96,16 @@ class Engine:
         return len(self.running)
 
     def cancel_all(self) -> None:
-        """Cancel every sequence running or waiting (any thread may call this)."""
-        for s in [*self.running, *self.waiting]:
+        """Cancel every sequence the engine holds: they end at the next step."""
+        for s in self._held.values():
             s.cancel()
 
     def fail_all(self, message: str) -> list[Event]:
-        """End every sequence the engine holds with `message` and let go of them: the way out
-        when a step itself broke (a bug), so that no caller waits for an event that will not come."""
-        held = [*self._ended, *self.running, *self.waiting]
-        self._ended, self.running, self.waiting = [], [], collections.deque()
+        """End every sequence the engine holds (submitted, and its last event not yet returned)
+        with `message` and let go of them: the way out when a step itself broke (a bug), so that
+        no caller waits for an event that will not come."""
+        held = list(self._held.values())
+        self._held, self._ended, self.running, self.waiting = {}, [], [], collections.deque()
         for s in held:
             if not s.done:
                 s.fail(message)
@@ -128,6 +131,9 @@ class Engine:
         if self.running:
             self._pass(events)
             self.running = [s for s in self.running if not s.done]
+        for e in events:
+            if e.sequence.done:
+                self._held.pop(id(e.sequence), None)
         return events
 
     def _pass(self, events: list[Event]) -> None:

@@ -3,7 +3,9 @@ once for every front door (the API's keywords, the command lines' flags, the ser
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from typing import Any, Callable, Mapping
 
 from .errors import GPT2Error
@@ -50,9 +52,16 @@ def _bias(name: str, v: Any) -> None:
 
 
 def _token_id(key: Any) -> int:
-    """A logit_bias key: a token id, or its decimal digits as text (JSON object keys are text)."""
-    if type(key) is int or isinstance(key, str) and key.isascii() and key.isdigit():
-        return int(key)
+    """A logit_bias key: a token id (any integer type), or its decimal digits as text (JSON object
+    keys are text)."""
+    if isinstance(key, str):
+        if key.isascii() and key.isdigit():
+            return int(key)
+    elif not isinstance(key, bool):
+        try:
+            return operator.index(key)
+        except TypeError:
+            pass
     raise GPT2Error(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
 
 
@@ -73,8 +82,7 @@ class Options:
 
     The Python API takes these as keyword arguments, `gpt-run` and `gpt-batch` as flags (built from
     the `cli` entries below) and `gpt-serve` maps OpenAI's request fields onto them. Every value
-    is checked here, once; an error names its field (`GPT2Error.field`). `sampling` is the
-    `Sampling` these make, built once.
+    is checked here, once; an error names its field (`GPT2Error.field`).
     """
 
     n_tokens: int = option(50, "How many tokens to generate at most.", _whole(0),
@@ -111,7 +119,6 @@ class Options:
     prompt_logprobs: int | None = option(
         None, "Score the prompt's tokens too, recording N alternatives at each (the first token has none).",
         lambda name, v: v is None or _whole(0, MAX_TOP_LOGPROBS)(name, v))
-    sampling: Sampling = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -121,11 +128,14 @@ class Options:
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "logit_bias", tuple(tuple(p) for p in self.logit_bias))
         for f in fields(self):
-            if f.init:
-                self.check(f.name, getattr(self, f.name))
+            self.check(f.name, getattr(self, f.name))
         if self.prompt_logprobs is not None and self.sliding_window:
             raise GPT2Error("prompt log-probabilities and the sliding window do not go together", "prompt_logprobs")
-        object.__setattr__(self, "sampling", Sampling(self.temperature, self.top_k, self.top_p, self.seed))
+
+    @cached_property
+    def sampling(self) -> Sampling:
+        """The `Sampling` these options make: built once (the fields were checked already)."""
+        return Sampling(self.temperature, self.top_k, self.top_p, self.seed)
 
     @classmethod
     def check(cls, name: str, value: Any) -> None:

@@ -30,17 +30,24 @@ def check_ids(ids: Sequence[int], config: GPT2Config) -> np.ndarray:
     return arr
 
 
+def text_ids(text: str | Sequence[int], tokenizer: Tokenizer, config: GPT2Config, *,
+             special: bool = False) -> list[int]:
+    """Text encoded, or token ids checked against the vocabulary; anything else is an error.
+    `special`: `<|endoftext|>` written in the text is the special token (as OpenAI's and vLLM's
+    servers read it) rather than plain text (the API's default)."""
+    if isinstance(text, str):
+        return tokenizer.encode(text, allowed_special=special)
+    if isinstance(text, (list, tuple, range, np.ndarray)):
+        return [int(i) for i in check_ids(text, config)]
+    raise GPT2Error(f"a prompt must be a string or a list of token ids, not {type(text).__name__}", "prompt")
+
+
 def prompt_ids(prompt: str | Sequence[int], tokenizer: Tokenizer, config: GPT2Config, *,
                special: bool = False) -> list[int]:
-    """A prompt's token ids. Text is encoded, and empty text means unconditional generation: it
-    starts from `<|endoftext|>`. `special`: `<|endoftext|>` written in the text is the special
-    token (as OpenAI's and vLLM's servers read it) rather than plain text (the API's default).
-    Token ids are checked against the vocabulary; anything else is an error."""
-    if isinstance(prompt, str):
-        return tokenizer.encode(prompt, allowed_special=special) or [config.eos_token_id]
-    if isinstance(prompt, (list, tuple, np.ndarray)):
-        return [int(i) for i in check_ids(prompt, config)]
-    raise GPT2Error(f"a prompt must be text or a list of token ids, not {type(prompt).__name__}", "prompt")
+    """A prompt's token ids (`text_ids`), where empty text means unconditional generation: it
+    starts from `<|endoftext|>`."""
+    ids = text_ids(prompt, tokenizer, config, special=special)
+    return (ids or [config.eos_token_id]) if isinstance(prompt, str) else ids
 
 
 def _reject_constant(name: str):

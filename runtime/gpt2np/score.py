@@ -15,6 +15,7 @@ loop and the same log-probability expression as echo and prompt log-probabilitie
 
 from __future__ import annotations
 
+import collections
 import math
 from dataclasses import dataclass, field
 
@@ -41,9 +42,11 @@ class TextScore:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.nll / len(self.ids))
+        return math.exp(self.nll / len(self.ids)) if self.ids and self.error is None else math.nan
 
     def to_dict(self) -> dict:
+        if self.error is not None:
+            return {"ids": self.ids, "error": self.error}
         return {"ids": self.ids, "logprobs": self.logprobs, "n_tokens": len(self.ids), "nll": self.nll,
                 "perplexity": self.perplexity, "window": self.window, "stride": self.stride}
 
@@ -69,28 +72,49 @@ def windows(length: int, size: int, stride: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def score_all(engine: Engine, texts: list[list[int]], stride: int | None = None) -> list[TextScore]:
+def score_all(engine: Engine, texts: list[list[int]], stride: int | None = None,
+              max_batch: int | None = None) -> list[TextScore]:
     """Score each token-id list as the module docstring describes, every window of every text in
-    one run of `engine`; a text that cannot be scored gets a `TextScore` with `error`."""
+    one run of `engine`, at most `max_batch` windows at once (None: the engine's own limit, or
+    all): a window joins as one finishes, and only its scored part is kept. A text that cannot be
+    scored gets a `TextScore` with `error`."""
     config = engine.config
     stride = check_stride(stride, config)
+    limit = max_batch or engine.max_batch or float("inf")
     scoring = Options(n_tokens=0, prompt_logprobs=0)
-    plans: list[list | str] = []
-    for ids in texts:
+    results = [TextScore(list(ids), stride=stride, window=config.n_positions) for ids in texts]
+    parts: list[list] = [[] for _ in texts]  # each text's windows' log-probabilities, in order
+    todo = collections.deque()
+    for i, ids in enumerate(texts):
         if not ids:
-            plans.append("there is nothing to score: the text has no tokens")
+            results[i].error = "there is nothing to score: the text has no tokens"
             continue
         seq = [config.eos_token_id, *ids]
-        plans.append([(engine.add(seq[b:e], scoring, score_from=first - b), first - b)
-                      for b, e, first in windows(len(seq), config.n_positions, stride)])
-    engine.run()
-    results = []
-    for ids, plan in zip(texts, plans):
-        score = TextScore(list(ids), stride=stride, window=config.n_positions)
-        failed = plan if isinstance(plan, str) else next((s.result.error for s, _ in plan if s.result.error), None)
-        if failed is not None:
-            score.error = failed
+        for n, (b, e, first) in enumerate(windows(len(seq), config.n_positions, stride)):
+            parts[i].append(None)
+            todo.append((i, n, seq[b:e], first - b))
+    running = 0
+
+    def feed() -> None:
+        nonlocal running
+        while todo and running < limit:
+            i, n, window, first = todo.popleft()
+            engine.add(window, scoring, tag=(i, n, first), score_from=first)
+            running += 1
+
+    feed()
+    for event in engine.events():
+        s = event.sequence
+        if not s.done:
+            continue
+        running -= 1
+        i, n, first = s.tag
+        if s.result.error is not None:
+            results[i].error = results[i].error or s.result.error
         else:
-            score.logprobs = [lp for s, k in plan for lp in s.result.prompt_logprobs[k:]]
-        results.append(score)
+            parts[i][n] = s.result.prompt_logprobs[first:]
+        feed()
+    for r, windows_lp in zip(results, parts):
+        if r.error is None:
+            r.logprobs = [lp for part in windows_lp for lp in part]
     return results

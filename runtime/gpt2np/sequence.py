@@ -54,7 +54,6 @@ class Generation:
     ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[float] = field(default_factory=list)
-    token_texts: list[str] = field(default_factory=list)
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
     prompt_logprobs: list[float | None] = field(default_factory=list)
     prompt_top_logprobs: list[dict[int, float] | None] = field(default_factory=list)
@@ -63,6 +62,7 @@ class Generation:
     queue_s: float = 0.0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    token_texts: list[str] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -190,8 +190,9 @@ class SequenceState:
         self.context.append(token)
         self.counts[token] = self.counts.get(token, 0) + 1
         if opts.stop_at_eos and token == self.config.eos_token_id:
-            r.token_texts.append("")
-            return token, self._finish("eos", ""), ""
+            text = self._finish("eos", "")  # a trailing partial character goes to the token before
+            r.token_texts.append(self.tokenizer.decode([token]))
+            return token, text, r.token_texts[-1]
         piece = self.text_decoder.feed(token)
         r.token_texts.append(piece)
         text, stopped = self.stops.feed(piece)

@@ -272,6 +272,16 @@ class Tokenizer:
         """A decoder for one token at a time that never emits half of a UTF-8 character."""
         return StreamDecoder(self)
 
+    def decode_pieces(self, ids: Iterable[int]) -> list[str]:
+        """Each token's text, as a stream decodes them: a character split across tokens comes with
+        the token that completes it (and an unfinished one, as U+FFFD, with the last). They join
+        to `decode(ids)`."""
+        decoder = self.stream_decoder()
+        pieces = [decoder.feed(i) for i in ids]
+        if pieces:
+            pieces[-1] += decoder.flush()
+        return pieces
+
 
 def _valid_unicode(text: str) -> str:
     """`text` with lone surrogates (not valid Unicode, e.g. from undecodable bytes in argv)

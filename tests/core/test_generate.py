@@ -151,3 +151,16 @@ def test_cli_prompts_file_gives_json_lines_in_order(tmp_path, small_model_dir, m
     (tmp_path / "bad.jsonl").write_text('{"prompt": 3}\n')
     bad = run_cli("gpt-run", str(small_model_dir), "--prompts-file", str(tmp_path / "bad.jsonl"))
     assert bad.returncode == 1 and b"bad.jsonl:1" in bad.stderr
+
+
+def test_each_tokens_text_is_kept_once_in_the_generation(small_model_dir):
+    """Generation.token_texts: each generated token's text, decoded once (a character split across
+    tokens comes with the token that completes it); they join to the text when nothing is cut,
+    and <|endoftext|> keeps its own name."""
+    model = gpt2np.load(small_model_dir)
+    g = model.complete("日本語のテキスト", 12, stop_at_eos=False)
+    assert len(g.token_texts) == len(g.ids) and "".join(g.token_texts) == g.text == model.decode(g.ids)
+    eos = model.complete("x", 5, logit_bias={50256: 100})
+    assert eos.ids == [50256] and eos.token_texts == ["<|endoftext|>"] and eos.text == ""
+    events = list(model.queue(["日本語のテキスト"], 12, stop_at_eos=False)[0].events())
+    assert [e.token_text for e in events] == g.token_texts and "".join(e.text for e in events) == g.text

@@ -339,6 +339,8 @@ def test_16_concurrent_clients_each_get_what_they_would_alone(server, client):
     (b'{"model": "small", "prompt": "x", "max_tokens": true}', 400, "max_tokens", None),
     (b'{"model": "small", "prompt": "x", "temperature": true}', 400, "temperature", None),
     (b'{"model": "small", "prompt": "x", "seed": 18446744073709551616}', 400, "seed", None),
+    (b'{"model": "small", "prompt": "x", "seed": -5}', 400, "seed", None),
+    (b'{"model": "small", "prompt": "x", "max_tokens": -1}', 400, "max_tokens must be", None),
     (b'{"model": "small", "prompt": [[]]}', 400, "prompt", None),
     (b'{"model": "small", "prompt": [-1]}', 400, "outside the vocabulary", None),
     (b'{"model": "small", "prompt": [1208925819614629174706176]}', 400, "outside the vocabulary", None),

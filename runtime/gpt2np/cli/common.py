@@ -111,24 +111,28 @@ def _size(n: float) -> str:
 
 def bytes_info(total: int | None, start: int = 0) -> Callable[[int, float], str]:
     """`progress`'s text for a transfer of `total` bytes (None: unknown) that starts at `start`:
-    bytes done, speed and time left."""
+    the share done, bytes done, speed and time left."""
     def info(done: int, seconds: float) -> str:
         speed = (done - start) / max(seconds, 1e-9)
         if not total:
             return f"{_size(done)}  {_size(speed)}/s"
         left = int((total - done) / speed) if speed > 0 else 0
-        return (f"{_size(done)} / {_size(total)}  {_size(speed)}/s  "
+        return (f"{100 * done / total:5.1f}%  {_size(done)} / {_size(total)}  {_size(speed)}/s  "
                 f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left")
     return info
+
+
+REDRAW_S = 0.1  # a terminal's bar is redrawn at most this often
 
 
 @contextmanager
 def progress(label: str, total: int | None, info: Callable[[int, float], str], enabled: bool = True,
              done: int = 0) -> Iterator[Callable[[int], None]]:
-    """A progress bar on stderr: click's, redrawn in place on a terminal; elsewhere (logs, pipes)
-    one line when the work is done, and nothing if it failed (an error stays one line). Yields
-    `update(n)`; `info(done, seconds)` is the text after the bar (counts, speeds)."""
-    state = {"done": done, "start": time.monotonic()}
+    """A progress bar on stderr: click's, redrawn in place on a terminal (a bar when `total` is
+    known, the counts alone when not); elsewhere (logs, pipes) one line when the work is done, and
+    nothing if it failed (an error stays one line). Yields `update(n)`; `info(done, seconds)` is
+    the text after the bar (counts, speeds)."""
+    state = {"done": done, "start": time.monotonic(), "shown": done, "drawn": 0.0}
 
     def show(_=None) -> str:
         return info(state["done"], time.monotonic() - state["start"])
@@ -141,15 +145,22 @@ def progress(label: str, total: int | None, info: Callable[[int, float], str], e
         if enabled:
             click.echo(f"{label}  {show()}", file=sys.stderr)
         return
-    with click.progressbar(length=total or 0, label=label, file=sys.stderr, show_eta=False, show_percent=bool(total),
-                           show_pos=False, item_show_func=show, width=30 if total else 0) as bar:
-        bar.update(done)
+    template = "%(label)s  [%(bar)s]  %(info)s" if total else "%(label)s  %(info)s"
+    with click.progressbar(length=total or 1, label=label, file=sys.stderr, show_eta=False, show_percent=False,
+                           show_pos=False, item_show_func=show, width=30, bar_template=template) as bar:
 
         def update(n: int) -> None:
             count(n)
-            bar.update(n)
+            now = time.monotonic()
+            if now - state["drawn"] >= REDRAW_S:
+                state["drawn"] = now
+                bar.update(state["done"] - state["shown"] if total else 0)
+                state["shown"] = state["done"]
 
+        update(0)
         yield update
+        if total:
+            bar.update(state["done"] - state["shown"])  # the last draw shows the whole count
 
 
 def run_command(command: click.Command, prog: str, interrupted: str = "") -> None:

@@ -43,7 +43,7 @@ def batch(model_dir, input_path, output_dir, task, address, workers, threads_per
     \b
     INPUT is a JSON-lines file, or a folder of *.jsonl files read in name order: one object
     per line with "prompt" (generate) or "text" (score), and an optional "id" (else the line
-    number, counted from 1 across the files). OUTPUT_DIR receives JSON-lines shards
+    number, counted from 1 across the files); a bare JSON string is that field alone. OUTPUT_DIR receives JSON-lines shards
     (part-00000.jsonl, ...): one object per input row with its id, its other fields and the
     results (text, ids, finish_reason, logprobs; or n_tokens, nll, perplexity), or an "error".
     OUTPUT_DIR appears only when the job is complete; a non-empty one is refused unless --force.

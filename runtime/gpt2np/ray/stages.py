@@ -98,8 +98,8 @@ class Score:
     """Score each row's text: its token count, negative log-likelihood and perplexity.
 
     As `GPT2.score` defines them (the text follows `<|endoftext|>`; texts longer than the
-    context use its sliding window with `stride`). Texts that fit the context are scored
-    together, in one forward pass of the engine per batch. `column`: where the texts are (default
+    context use its sliding window with `stride`), by `GPT2.score_batch`: the batch's texts and
+    their windows are read together by the engine, a few windows at a time. `column`: where the texts are (default
     "text"). New columns: `n_tokens`, `nll`, `perplexity` and `error`.
     """
 

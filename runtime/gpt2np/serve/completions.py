@@ -27,9 +27,14 @@ PARAMS = {"n_tokens": "max_tokens", "stop_at_eos": "ignore_eos", "prompt_logprob
 
 
 def invalid(e: GPT2Error, param: str | None = None) -> APIError:
-    """The core's error about a request as OpenAI's 400, its `param` OpenAI's name for the field."""
+    """The core's error about a request as OpenAI's 400: its `param` is OpenAI's name for the field,
+    and the message says that name (in place of the core's, or before the message)."""
     param = param or PARAMS.get(e.field, e.field)
-    message = str(e) if param is None or param in str(e) else f"{param}: {e}"
+    message = str(e)
+    if param is not None and e.field and e.field != param and e.field in message:
+        message = message.replace(e.field, param, 1)
+    elif param is not None and param not in message:
+        message = f"{param}: {message}"
     return APIError(400, message, param=param)
 
 
@@ -76,7 +81,7 @@ class Completions:
                 temperature=1.0 if req.temperature is None else float(req.temperature),
                 top_p=None if req.top_p in (None, 1) else float(req.top_p),
                 top_k=None if req.top_k is None or req.top_k <= 0 else req.top_k,
-                seed=None if req.seed is None else (req.seed + sample) % 2**63,
+                seed=None if req.seed is None else req.seed + sample if req.seed < 0 else (req.seed + sample) % 2**63,
                 stop=tuple(stop), stop_at_eos=not req.ignore_eos,
                 presence_penalty=float(req.presence_penalty or 0), frequency_penalty=float(req.frequency_penalty or 0),
                 logit_bias=req.logit_bias or {}, logprobs=req.logprobs or 0,
@@ -164,13 +169,7 @@ class Completions:
         and the characters that the logprobs' offsets count)."""
         if not req.echo and req.logprobs is None:
             return [[] for _ in prompts]
-        out = []
-        for ids in prompts:
-            decoder = self.tokenizer.stream_decoder()
-            pieces = [decoder.feed(t) for t in ids]
-            pieces[-1] += decoder.flush()
-            out.append(pieces)
-        return out
+        return [self.tokenizer.decode_pieces(ids) for ids in prompts]
 
     @staticmethod
     def usage(prompts: list[list[int]], seqs: list[SequenceState]) -> dict:

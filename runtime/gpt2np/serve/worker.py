@@ -45,6 +45,7 @@ class EngineWorker:
         self.active = 0  # sequences submitted and not yet done
         self.running = 0  # sequences in the batch after the last step
         self._stop = False
+        self._cancel_all = False
         self._thread = threading.Thread(target=self._loop, name="gpt2np-engine", daemon=True)
 
     @property
@@ -76,10 +77,12 @@ class EngineWorker:
             self.metrics.prompt_tokens.inc(len(s.result.prompt_ids))
 
     def cancel_all(self) -> None:
+        """Cancel every request (from any thread): the engine's thread does it before its next step."""
         with self._lock:
             for s, _ in self._inbox:
                 s.cancel()
-        self.engine.cancel_all()
+            self._cancel_all = True
+            self._lock.notify()
 
     def _loop(self) -> None:
         while True:
@@ -89,9 +92,12 @@ class EngineWorker:
                 if self._stop:
                     return
                 new, self._inbox = self._inbox, []
+                cancel, self._cancel_all = self._cancel_all, False
             for seq, listener in new:
                 self._listeners[id(seq)] = listener
                 self.engine.submit(seq)
+            if cancel:
+                self.engine.cancel_all()
             try:
                 events = self.engine.step()
             except Exception:  # noqa: BLE001 -- the engine must outlive any one request
