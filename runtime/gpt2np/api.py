@@ -16,6 +16,7 @@ from .errors import GPT2Error
 from .model import KVCache, forward
 from .options import Options
 from .params import Params
+from .prefix_cache import PrefixCache
 from .prompts import check_ids, prompt_ids, text_ids
 from .reference import Trace
 from .score import TextScore, score_all
@@ -144,23 +145,35 @@ class GPT2:
         """The generation options (see `gpt2np.options.Options`), checked."""
         return Options(n_tokens=n_tokens, **options)
 
-    def engine(self, max_batch: int | None = None, prefill_chunk: int | None = None) -> Engine:
+    def engine(self, max_batch: int | None = None, prefill_chunk: int | None = None,
+               prefix_cache: PrefixCache | float | None = None) -> Engine:
         """A decode loop over this model, for callers that add and step sequences themselves
-        (a server, a pipeline stage). See `gpt2np.engine.Engine`."""
-        return Engine(self.params, self.config, self.tokenizer, max_batch=max_batch, prefill_chunk=prefill_chunk)
+        (a server, a pipeline stage). See `gpt2np.engine.Engine`. `prefix_cache`: a prefix cache
+        to use (engines may share one), or a number of MB for a new one (0 or None: none)."""
+        return Engine(self.params, self.config, self.tokenizer, max_batch=max_batch, prefill_chunk=prefill_chunk,
+                      prefix_cache=self.prefix_cache(prefix_cache))
+
+    def prefix_cache(self, budget: PrefixCache | float | None) -> PrefixCache | None:
+        """A prefix cache for this model of `budget` MB (`gpt2np.prefix_cache`); a cache passes
+        through, and None or 0 means none."""
+        if budget is None or isinstance(budget, PrefixCache):
+            return budget
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0:
+            raise GPT2Error(f"prefix_cache must be a number of MB >= 0, got {budget!r}")
+        return PrefixCache(self.config, int(budget * 2**20)) if budget else None
 
     def queue(self, prompts: Sequence[str | Sequence[int] | GPT2Error], n_tokens: int = 50, *,
               strict: bool = True, max_batch: int | None = None, seeds: Sequence[int] | None = None,
-              **options) -> tuple[Engine, list[SequenceState]]:
+              prefix_cache: PrefixCache | float | None = None, **options) -> tuple[Engine, list[SequenceState]]:
         """A new engine holding `prompts`, not yet run, and their sequences in order.
 
         `strict`: a prompt that cannot run raises `GPT2Error` (nothing runs); otherwise it becomes
         a sequence that ends at once with an error, and the others run. A prompt given as a
         `GPT2Error` is one already known to fail (an earlier stage's error): it ends so. `seeds`:
-        each prompt's own seed, in place of the option `seed`.
+        each prompt's own seed, in place of the option `seed`. `prefix_cache`: see `engine`.
         """
         opts = self.options(n_tokens, **options)
-        engine, seqs = self.engine(max_batch=max_batch), []
+        engine, seqs = self.engine(max_batch=max_batch, prefix_cache=prefix_cache), []
         for i, p in enumerate(prompts):
             own = opts if seeds is None else dataclasses.replace(opts, seed=seeds[i])
             try:
@@ -196,26 +209,32 @@ class GPT2:
         return seq.result
 
     def generate_batch(self, prompts: Sequence[str | Sequence[int]], n_tokens: int = 50, *,
-                       max_batch: int | None = None, **options) -> list[Generation]:
+                       max_batch: int | None = None, prefix_cache: PrefixCache | float | None = None,
+                       **options) -> list[Generation]:
         """Generate for several prompts at once, in one forward pass per step; results in order.
 
         Each prompt has its own length, cache, stop rules and random stream (a `seed` gives every
         prompt the stream it would have alone), so each result equals what `complete` gives. A
         prompt that cannot run (too long, bad ids) gets a result with `error` set and stop reason
         "error"; the others run. `max_batch` caps the prompts in one pass (the rest join as others
-        finish); by default all run together. Bad options raise `GPT2Error`.
+        finish); by default all run together. `prefix_cache`: see `engine`. Bad options raise
+        `GPT2Error`.
         """
-        engine, seqs = self.queue(prompts, n_tokens, strict=False, max_batch=max_batch, **options)
+        engine, seqs = self.queue(prompts, n_tokens, strict=False, max_batch=max_batch, prefix_cache=prefix_cache,
+                                  **options)
         engine.run()
         return [s.result for s in seqs]
 
-    def score(self, text: str | Sequence[int], *, stride: int | None = None) -> TextScore:
+    def score(self, text: str | Sequence[int], *, stride: int | None = None,
+              prefix_cache: PrefixCache | float | None = None) -> TextScore:
         """Per-token log-probabilities, NLL and perplexity of `text` (see `gpt2np.score`)."""
-        (result,) = self.score_batch([text], stride=stride, strict=True, max_batch=1)  # one window's memory
+        (result,) = self.score_batch([text], stride=stride, strict=True, max_batch=1,  # one window's memory
+                                     prefix_cache=prefix_cache)
         return result
 
     def score_batch(self, texts: Sequence[str | Sequence[int]], *, stride: int | None = None,
-                    strict: bool = False, max_batch: int = SCORE_BATCH) -> list[TextScore]:
+                    strict: bool = False, max_batch: int = SCORE_BATCH,
+                    prefix_cache: PrefixCache | float | None = None) -> list[TextScore]:
         """`score` of each text, read together: every window of every text is a sequence of one
         engine run, at most `max_batch` at once (each holds a KV cache of up to the context). A text that cannot be scored gets a result with
         `error` (with `strict`, a `GPT2Error`); so does a text given as a `GPT2Error` (a row known
@@ -232,7 +251,8 @@ class GPT2:
                     raise
                 ids.append(None)
                 errors.append(str(e))
-        scored = iter(score_all(self.engine(), [i for i in ids if i is not None], stride, max_batch))
+        engine = self.engine(prefix_cache=prefix_cache)
+        scored = iter(score_all(engine, [i for i in ids if i is not None], stride, max_batch))
         results = [next(scored) if e is None else TextScore([], error=e) for e in errors]
         failed = next((r.error for r in results if r.error), None)
         if strict and failed:

@@ -25,6 +25,7 @@ import numpy as np
 from .config import GPT2Config
 from .model import Params, lm_head, transformer
 from .options import Options
+from .prefix_cache import BLOCK, Block, PrefixCache, Stats, block_keys
 from .sampling import log_normalizers
 from .sequence import SequenceState
 from .tokenizer import Tokenizer
@@ -50,12 +51,19 @@ class Engine:
     `max_batch`: the most sequences in one forward pass (None: no limit); others wait in order.
     `prefill_chunk`: the most prompt tokens read per step (None: whole prompts at once, the
     fastest for offline batches; a server sets it so that running streams are not held up).
+    `prefix_cache`: a `gpt2np.prefix_cache.PrefixCache` (engines may share one; None: none).
+    With one, a prompt starting with ids already computed reuses those positions, and a prompt
+    whose next blocks another running sequence is computing waits for them instead of computing
+    them again.
     """
 
     def __init__(self, params: Params, config: GPT2Config, tokenizer: Tokenizer,
-                 max_batch: int | None = None, prefill_chunk: int | None = None):
+                 max_batch: int | None = None, prefill_chunk: int | None = None,
+                 prefix_cache: PrefixCache | None = None):
         if max_batch is not None and max_batch < 1 or prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be at least 1")
+        self.prefix_cache = prefix_cache
+        self._inflight: dict[bytes, SequenceState] = {}  # block keys a running sequence will add to the cache
         self.params, self.config, self.tokenizer = params, config, tokenizer
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self.waiting: collections.deque[SequenceState] = collections.deque()
@@ -63,20 +71,25 @@ class Engine:
         self._ended: list[SequenceState] = []  # done before they ran: reported at the next step
         self._held: dict[int, SequenceState] = {}  # every sequence submitted, until its last event is out
 
-    def add(self, prompt_ids: list[int], options: Options, tag=None, score_from: int = 1) -> SequenceState:
+    def add(self, prompt_ids: list[int], options: Options, tag=None, score_from: int = 1,
+            salt: str | None = None) -> SequenceState:
         """Queue a prompt. Raises `GPT2Error` if it cannot run (nothing is queued then)."""
-        return self.submit(self.sequence(prompt_ids, options, score_from), tag)
+        return self.submit(self.sequence(prompt_ids, options, score_from, salt), tag)
 
     def add_failed(self, prompt_ids: list[int], options: Options, error: str, tag=None) -> SequenceState:
         """Queue a prompt that is already known to fail: it ends at the next step with `error`."""
         return self.submit(SequenceState(list(prompt_ids), options, self.config, self.tokenizer, error=error), tag)
 
-    def sequence(self, prompt_ids: list[int], options: Options, score_from: int = 1) -> SequenceState:
+    def sequence(self, prompt_ids: list[int], options: Options, score_from: int = 1,
+                 salt: str | None = None) -> SequenceState:
         """A new sequence for this engine's model, checked but not queued (`GPT2Error` if it
         cannot run). Another thread may make it and hand it to the engine's thread to `submit`.
         `score_from`: with `prompt_logprobs`, the first prompt token to score (a scoring window
-        scores only the tokens no earlier window scored)."""
-        return SequenceState(list(prompt_ids), options, self.config, self.tokenizer, score_from=score_from)
+        scores only the tokens no earlier window scored). `salt`: sequences with different salts
+        never share cached positions."""
+        s = SequenceState(list(prompt_ids), options, self.config, self.tokenizer, score_from=score_from)
+        s.salt = salt
+        return s
 
     def submit(self, seq: SequenceState, tag=None) -> SequenceState:
         """Queue a sequence made by `sequence`; it joins the batch at a coming step."""
@@ -106,6 +119,7 @@ class Engine:
         no caller waits for an event that will not come."""
         held = list(self._held.values())
         self._held, self._ended, self.running, self.waiting = {}, [], [], collections.deque()
+        self._inflight = {}
         for s in held:
             if not s.done:
                 s.fail(message)
@@ -124,16 +138,21 @@ class Engine:
                 events.append(Event(s))
         self.running = [s for s in self.running if not s.done]
         self.waiting = collections.deque(s for s in self.waiting if not s.done)
+        blocked = []
         while self.waiting and (self.max_batch is None or len(self.running) < self.max_batch):
             s = self.waiting.popleft()
-            if _guarded(s, events, "allocating its cache", s.admit)[0]:
+            if self._waits_for_prefix(s):
+                blocked.append(s)
+            elif _guarded(s, events, "allocating its cache", self._admit, s)[0]:
                 self.running.append(s)
+        self.waiting.extendleft(reversed(blocked))
         if self.running:
             self._pass(events)
             self.running = [s for s in self.running if not s.done]
         for e in events:
             if e.sequence.done:
                 self._held.pop(id(e.sequence), None)
+                self._drop_inflight(e.sequence)
         return events
 
     def _pass(self, events: list[Event]) -> None:
@@ -147,6 +166,8 @@ class Engine:
                 s.pending = s.pending[n:]
                 if s.scoring and not _guarded(s, events, "scoring the prompt", self._score, s, h, first)[0]:
                     continue
+                if s.fresh and len(s.pending) == 0 and self.prefix_cache is not None:
+                    _guarded(s, events, "caching the prompt", self._cache_prompt, s)
                 if len(s.pending) == 0:
                     ready.append((s, h[-1:]))
             logits = norms = ()
@@ -183,6 +204,69 @@ class Engine:
         for lo in range(rows.start, rows.stop, SCORE_ROWS):
             s.score_prompt(lm_head(self.params, h[lo:min(lo + SCORE_ROWS, rows.stop)]), first + lo)
 
+    # ------------------------------------------------------------------------ the prefix cache
+    def _cacheable(self, s: SequenceState) -> bool:
+        return self.prefix_cache is not None and s.fresh and len(s.pending) == len(s.result.prompt_ids) > BLOCK
+
+    def _waits_for_prefix(self, s: SequenceState) -> bool:
+        """Whether `s` should wait because a running sequence is computing the next blocks of its
+        prompt (then it reads them from the cache instead of computing them again)."""
+        if not self._cacheable(s):
+            return False
+        keys = block_keys(s.result.prompt_ids, s.salt)
+        m = next((i for i, key in enumerate(keys) if key not in self.prefix_cache), len(keys))
+        reader = self._inflight.get(keys[m]) if m < len(keys) else None
+        if reader is None or reader.done:
+            return False
+        return reader.scoring or not s.scoring  # a scoring prompt needs blocks that keep their scores
+
+    def _admit(self, s: SequenceState) -> None:
+        """Give `s` its place and cache; reuse what the prefix cache holds of its prompt (all but
+        the last position of its cached blocks)."""
+        s.admit()
+        if not self._cacheable(s):
+            return
+        cache, prompt = self.prefix_cache, s.result.prompt_ids
+        s.keys = block_keys(prompt, s.salt)
+        if s.scoring:
+            s.start_record()
+        blocks = cache.lookup(s.keys, need_stats=s.scoring)
+        s.cached_blocks = len(blocks)
+        cache.queries += len(prompt)
+        reused = len(blocks) * BLOCK - 1 if blocks else 0
+        if reused > 0:
+            for k, b in enumerate(blocks):
+                s.cache.kT[..., k * BLOCK:(k + 1) * BLOCK] = b.kT
+                s.cache.v[:, :, k * BLOCK:(k + 1) * BLOCK] = b.v
+            s.cache.length = reused
+            s.pending = s.pending[reused:]
+            s.result.cached_tokens = reused
+            cache.hits += reused
+            if s.scoring:
+                s.score_cached(_record(blocks), reused)
+        for key in s.keys[len(blocks):]:
+            self._inflight.setdefault(key, s)
+
+    def _cache_prompt(self, s: SequenceState) -> None:
+        """Keep the blocks of `s`'s prompt that the cache lacks, now that every position is computed."""
+        prompt, rec = s.result.prompt_ids, s.record
+        for k in range(s.cached_blocks, len(s.keys)):
+            a, b = k * BLOCK, (k + 1) * BLOCK
+            stats = entry = None
+            if rec is not None and b <= len(prompt) - 1 and rec["scored"][a:b].all() and (k == 0 or rec["scored"][a - 1]):
+                stats = Stats(*(rec[name][a:b].copy() for name in ("top", "log_sum", "top_ids", "top_logits",
+                                                                     "next_logit")))
+                entry = float(rec["next_logit"][a - 1]) if k else None
+            self.prefix_cache.insert(Block(s.keys[k], s.cache.kT[..., a:b].copy(), s.cache.v[:, :, a:b].copy(),
+                                           entry, stats))
+        self._drop_inflight(s)
+        s.record = None
+
+    def _drop_inflight(self, s: SequenceState) -> None:
+        for key in s.keys:
+            if self._inflight.get(key) is s:
+                del self._inflight[key]
+
     def events(self) -> Iterator[Event]:
         """Step until every sequence is done, yielding events as they come."""
         while not self.idle:
@@ -203,3 +287,13 @@ def _guarded(s: SequenceState, events: list[Event], what: str, f, *args) -> tupl
         events.append(Event(s))
         return False, None
 
+
+
+def _record(blocks: list[Block]) -> dict[str, np.ndarray]:
+    """The scoring of the positions of cached blocks, as arrays over them (`SequenceState.record`)."""
+    out = {name: np.concatenate([getattr(b.stats, name) for b in blocks])
+           for name in ("top", "log_sum", "top_ids", "top_logits", "next_logit")}
+    for k in range(1, len(blocks)):  # the logit that leads into each block is kept with that block
+        out["next_logit"][k * BLOCK - 1] = blocks[k].entry_logit
+    out["scored"] = np.ones(len(blocks) * BLOCK, bool)
+    return out

@@ -167,6 +167,21 @@ def _top(z: np.ndarray, m: int) -> np.ndarray:
     return ids[np.lexsort((ids, -z[ids]))]
 
 
+def top_ids(logits: np.ndarray, k: int) -> np.ndarray:
+    """The ids of each row's k largest logits [N, k], largest first, ties by lower id (the order
+    `top_logprobs` uses): one partition over all rows, a row with ties at the cut done alone."""
+    k = min(k, logits.shape[1])
+    part = np.argpartition(logits, logits.shape[1] - k, axis=1)[:, -k:]
+    chosen = np.take_along_axis(logits, part, axis=1)
+    cut = chosen.min(axis=1)
+    ties = np.count_nonzero(logits >= cut[:, None], axis=1) > k
+    order = np.lexsort((part, -chosen), axis=1)
+    out = np.take_along_axis(part, order, axis=1)
+    for i in np.flatnonzero(ties):
+        out[i] = _top(logits[i], k)
+    return out
+
+
 def choose(logits: np.ndarray, s: Sampling, rng: np.random.Generator | None) -> int:
     """The next token: argmax (lowest id on ties) if greedy, else a draw from the `allowed` tokens.
 

@@ -16,9 +16,10 @@ import numpy as np
 from .config import GPT2Config
 from .errors import GPT2Error
 from .model import KVCache
+from .options import MAX_TOP_LOGPROBS as TOP
 from .options import Options
 from .prompts import check_ids
-from .sampling import choose, log_normalizer, log_normalizers, token_logprob, top_logprobs
+from .sampling import choose, log_normalizer, log_normalizers, logprob, token_logprob, top_ids, top_logprobs
 from .stops import StopStrings
 from .tokenizer import Tokenizer
 
@@ -63,6 +64,7 @@ class Generation:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     token_texts: list[str] = field(default_factory=list)
+    cached_tokens: int = 0  # prompt positions taken from the prefix cache, not computed
 
     @property
     def tokens_per_s(self) -> float:
@@ -102,6 +104,11 @@ class SequenceState:
         self.submitted_at = time.perf_counter()
         self.admitted_at = self.first_token_at = self.finished_at = 0.0
         self.tag: Any = None  # for the caller: which request or prompt this is
+        self.salt: str | None = None  # sequences with different salts never share cached positions
+        self.fresh = True  # pending is the whole prompt, as given (not a sliding window's restart)
+        self.record: dict[str, np.ndarray] | None = None  # the prompt's scoring, kept for the prefix cache
+        self.keys: list[bytes] = []  # the prefix cache's keys of the prompt's blocks
+        self.cached_blocks = 0  # how many of them came from the cache
         if error is not None:
             self.fail(error)
             return
@@ -163,9 +170,36 @@ class SequenceState:
         logits = logits[:max(0, len(prompt) - 1 - first)]  # the last prompt position predicts no prompt token
         if not len(logits):
             return
-        for j, (row, norm) in enumerate(zip(logits, zip(*log_normalizers(logits))), start=first):
+        tops, log_sums = log_normalizers(logits)
+        if self.record is not None:  # kept for the prefix cache: each position's normalizer and top logits
+            rec, rows, span = self.record, np.arange(len(logits)), slice(first, first + len(logits))
+            ids = top_ids(logits, TOP)
+            rec["top"][span], rec["log_sum"][span], rec["scored"][span] = tops, log_sums, True
+            rec["top_ids"][span], rec["top_logits"][span] = ids, np.take_along_axis(logits, ids, axis=1)
+            rec["next_logit"][span] = logits[rows, prompt[first + 1:first + 1 + len(logits)]]
+        for j, (row, norm) in enumerate(zip(logits, zip(tops, log_sums)), start=first):
             r.prompt_logprobs.append(token_logprob(row, prompt[j + 1], norm))
             r.prompt_top_logprobs.append(top_logprobs(row, opts.prompt_logprobs, norm) if opts.prompt_logprobs else {})
+
+    def start_record(self) -> None:
+        """Keep this prompt's scoring per position (for the prefix cache to keep with its blocks)."""
+        n = len(self.result.prompt_ids)
+        self.record = {"top": np.zeros(n, np.float32), "log_sum": np.zeros(n), "scored": np.zeros(n, bool),
+                       "top_ids": np.zeros((n, TOP), np.int64), "top_logits": np.zeros((n, TOP), np.float32),
+                       "next_logit": np.zeros(n, np.float32)}
+
+    def score_cached(self, record: dict[str, np.ndarray], reused: int) -> None:
+        """Record the prompt's log-probabilities at the `reused` positions taken from the prefix
+        cache, from their scoring as the cache kept it (`record`: arrays over those positions)."""
+        r, prompt, n = self.result, self.result.prompt_ids, self.options.prompt_logprobs
+        for j in range(max(0, self.score_from - 1), reused):
+            norm = (record["top"][j], record["log_sum"][j])
+            r.prompt_logprobs.append(float(logprob(record["next_logit"][j], norm)))
+            values = logprob(record["top_logits"][j, :n], norm) if n else ()
+            r.prompt_top_logprobs.append({int(i): float(v) for i, v in zip(record["top_ids"][j, :n], values)})
+        if self.record is not None:
+            for name, values in record.items():
+                self.record[name][:reused] = values[:reused]
 
     def accept(self, logits: np.ndarray, norm: tuple | None = None) -> tuple[int | None, str, str]:
         """Choose the next token from the logits of the last position; return it, the text it
@@ -177,7 +211,7 @@ class SequenceState:
         if not r.ids:
             self.first_token_at = now
             r.prefill_s = now - self.admitted_at
-        self.scoring = self.reading = False
+        self.scoring = self.reading = self.fresh = False
         if opts.n_tokens == 0:
             return None, self._finish("length", "", flush=False), ""
         z = self._adjusted(logits) if opts.adjusts_logits else logits

@@ -588,3 +588,23 @@ def test_grace_period_ends_with_a_clear_503_then_exit_0(model_124M_dir):
         assert s.proc.wait(timeout=30) == 0
     finally:
         s.stop()
+
+
+def test_prefix_cache_over_http(server, client, model):
+    """Requests shaped as lm-evaluation-harness sends them (echo, logprobs, token ids): the second
+    reads the shared context from the cache (usage says how much), with the same log-probabilities;
+    vLLM's metric names count it; another cache_salt shares nothing."""
+    rng = np.random.default_rng(9)
+    context = [int(i) for i in rng.integers(0, 50257, 40)]
+    queries, hits = server.metric("gpt2np_prefix_cache_queries_total"), server.metric("gpt2np_prefix_cache_hits_total")
+    first, second = (complete(client, prompt=context + [int(t)], max_tokens=1, temperature=0, logprobs=1, echo=True)
+                     for t in (11, 12))
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens == 31  # two blocks of 16, all but their last position
+    np.testing.assert_allclose(first.choices[0].logprobs.token_logprobs[1:-2],
+                               second.choices[0].logprobs.token_logprobs[1:-2], atol=1e-5)
+    assert server.metric("gpt2np_prefix_cache_hits_total") - hits == 31
+    assert server.metric("gpt2np_prefix_cache_queries_total") - queries == 2 * 41
+    assert server.metric("gpt2np_prefix_cache_bytes") > 0
+    salted = complete(client, prompt=context + [13], max_tokens=1, extra_body={"cache_salt": "tenant-b"})
+    assert salted.usage.prompt_tokens_details.cached_tokens == 0

@@ -53,12 +53,16 @@ def _stats(g) -> str:
               help="Score the text in FILE (- for stdin): log-probabilities, NLL, perplexity.")
 @click.option("--stride", type=click.IntRange(min=1), default=None,
               help="With --score: how far the window moves for texts longer than the context [default: half of it].")
+@click.option("--prefix-cache-mb", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="With --prompts-file or --score: memory for a prefix cache, so that prompts (or texts) that "
+                   "begin alike compute the shared part once.")
 @click.option("--verify", is_flag=True,
               help="Check MODEL_DIR's files against the SHA256SUMS that gpt-convert wrote, and name what differs.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object (ids, text, log-probabilities, stop reason, timings) instead of text.")
 @click.option("--stats", is_flag=True, help="Print token counts, speed and times to stderr.")
-def run(model_dir, prompt, options, prompts_file, batch_size, score_source, stride, verify, as_json, stats):
+def run(model_dir, prompt, options, prompts_file, batch_size, score_source, stride, prefix_cache_mb, verify, as_json,
+        stats):
     """Continue PROMPT with the GPT-2 model in MODEL_DIR, streaming the new text to stdout.
 
     MODEL_DIR is a folder made by `gpt-convert` (or a Hugging Face GPT-2 folder saved as
@@ -102,14 +106,15 @@ def run(model_dir, prompt, options, prompts_file, batch_size, score_source, stri
     model = load(model_dir)
     out = Out()
     if score_source:
-        result = model.score(read_text(score_source, "the text to score"), stride=stride)
+        result = model.score(read_text(score_source, "the text to score"), stride=stride, prefix_cache=prefix_cache_mb)
         if as_json:
             out.write(json.dumps(result.to_dict()) + "\n")
         else:
             out.write(f"tokens: {len(result.ids)}\nnll: {result.nll:.6f}\nperplexity: {result.perplexity:.6f}\n")
         return
     if prompts_file:
-        _run_prompts_file(model, read_prompts(prompts_file), batch_size, options, out, stats)
+        _run_prompts_file(model, read_prompts(prompts_file), batch_size, {**options, "prefix_cache": prefix_cache_mb},
+                          out, stats)
         return
     text = read_text("-", "the prompt on stdin") if prompt == "-" else prompt
     stream = model.generate(text, **options)

@@ -33,11 +33,14 @@ from . import job
               help="Rows per batch: decoded together in one forward pass per step.")
 @click.option("--stride", type=click.IntRange(min=1), default=None,
               help="With --task score: the sliding window's step for texts longer than the context.")
+@click.option("--prefix-cache-mb", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="Memory per worker for a prefix cache: rows whose prompts (or texts) begin alike reuse "
+                   "the computed part.")
 @click.option("--force", is_flag=True, help="Replace a non-empty OUTPUT_DIR.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @generation_options
 def batch(model_dir, input_path, output_dir, task, address, workers, threads_per_worker, batch_size, stride,
-          force, quiet, options):
+          prefix_cache_mb, force, quiet, options):
     """Generate (or score) every row of INPUT with the GPT-2 model in MODEL_DIR, on Ray.
 
     \b
@@ -53,7 +56,7 @@ def batch(model_dir, input_path, output_dir, task, address, workers, threads_per
     --seed, each row's random stream depends only on the seed and the row's id.
     """
     files = job.input_files(input_path)
-    if task == "score" and options:
+    if task == "score" and options:  # the generation options
         raise click.UsageError("generation options do not apply to --task score")
     if task == "generate" and stride is not None:
         raise click.UsageError("--stride applies to --task score only")
@@ -78,7 +81,7 @@ def batch(model_dir, input_path, output_dir, task, address, workers, threads_per
                     advance(rows)
 
                 run(model_dir, chunks, shards, task, address, workers, threads_per_worker, batch_size, stride,
-                    options, add)
+                    {**options, "prefix_cache_mb": prefix_cache_mb}, add)
         finally:
             shards.close()
         if counts["rows"] != total:  # each row is written once: anything else is a lost row
@@ -124,7 +127,7 @@ def run(model_dir, chunks, out, task, address, workers, threads, batch_size, str
         if task == "generate":
             stage, kwargs = Generate, {**common, "ids_as_json": True, **options}
         else:
-            stage, kwargs = Score, {**common, "stride": stride}
+            stage, kwargs = Score, {**common, "stride": stride, "prefix_cache_mb": options["prefix_cache_mb"]}
         ds = ray.data.from_items([vars(c) for c in chunks])
         ds = ds.flat_map(job.parse_chunk, fn_kwargs={"column": column, "reserved": (*job.RESULTS[task], "error")},
                          num_cpus=0.25)

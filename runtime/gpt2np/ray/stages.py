@@ -65,11 +65,12 @@ class Generate:
 
     def __init__(self, model_dir: str, n_tokens: int = 50, *, column: str = "prompt",
                  max_batch: int | None = None, verify: bool = True, expect_sums: str | None = None,
-                 ids_as_json: bool = False, **options):
+                 ids_as_json: bool = False, prefix_cache_mb: float | None = None, **options):
         self.model = check_model_dir(model_dir, verify, expect_sums)
         self.options = self.model.options(n_tokens, **options)  # checked now, not at the first batch
         self.option_kwargs = {"n_tokens": n_tokens, **options}
         self.column, self.max_batch, self.ids_as_json = column, max_batch, ids_as_json
+        self.prefix_cache = self.model.prefix_cache(prefix_cache_mb)  # the actor's, across its batches
 
     def __call__(self, batch: Mapping[str, Any]) -> dict:
         prompts = _column(batch, self.column)
@@ -81,7 +82,8 @@ class Generate:
             seeds = [row_seed(self.options.seed, k) for k in keys]
         passed = _passed_errors(batch, len(prompts))
         engine, seqs = self.model.queue([GPT2Error(e) if e else p for p, e in zip(prompts, passed)],
-                                        strict=False, max_batch=self.max_batch, seeds=seeds, **self.option_kwargs)
+                                        strict=False, max_batch=self.max_batch, seeds=seeds,
+                                        prefix_cache=self.prefix_cache, **self.option_kwargs)
         engine.run()
         results = [s.result for s in seqs]
         ok = [r.error is None for r in results]
@@ -104,15 +106,17 @@ class Score:
     """
 
     def __init__(self, model_dir: str, stride: int | None = None, *, column: str = "text", verify: bool = True,
-                 expect_sums: str | None = None):
+                 expect_sums: str | None = None, prefix_cache_mb: float | None = None):
         self.model = check_model_dir(model_dir, verify, expect_sums)
         self.stride, self.column = stride, column
+        self.prefix_cache = self.model.prefix_cache(prefix_cache_mb)  # the actor's, across its batches
         check_stride(stride, self.model.config)  # now, not at the first long text
 
     def __call__(self, batch: Mapping[str, Any]) -> dict:
         texts = _column(batch, self.column)
         passed = _passed_errors(batch, len(texts))
-        scores = self.model.score_batch([GPT2Error(e) if e else t for t, e in zip(texts, passed)], stride=self.stride)
+        scores = self.model.score_batch([GPT2Error(e) if e else t for t, e in zip(texts, passed)], stride=self.stride,
+                                        prefix_cache=self.prefix_cache)
         ok = [r.error is None for r in scores]
         return _output(batch, {
             "n_tokens": [len(r.ids) if good else None for r, good in zip(scores, ok)],

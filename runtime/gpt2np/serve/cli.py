@@ -16,6 +16,7 @@ from ..cli.common import run_command
 from ..errors import GPT2Error, missing_extra
 
 DEFAULT_PREFILL_CHUNK = 32
+DEFAULT_CACHE_POSITIONS = 4096  # the prefix cache holds this many positions by default
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -33,6 +34,9 @@ DEFAULT_PREFILL_CHUNK = 32
               help="The most sequences waiting for a place in the batch; beyond it requests get 429.")
 @click.option("--prefill-chunk", default=DEFAULT_PREFILL_CHUNK, show_default=True, type=click.IntRange(min=1),
               help="The most prompt tokens read per step, so that running streams keep moving.")
+@click.option("--prefix-cache-mb", default=None, type=click.FloatRange(min=0),
+              help="Memory for the prefix cache, which reuses computed prompt prefixes (and their "
+                   "log-probabilities) across requests; 0 turns it off [default: 4096 positions' worth].")
 @click.option("--max-stop-strings", envvar="GPT2NP_MAX_STOP_STRINGS", default=None, type=click.IntRange(min=0),
               help="The most stop strings one request may give [default: 4, OpenAI's limit; lm-evaluation-harness "
                    "may send more] [env: GPT2NP_MAX_STOP_STRINGS].")
@@ -40,8 +44,8 @@ DEFAULT_PREFILL_CHUNK = 32
               help="On SIGTERM or Ctrl-C: seconds to let running requests finish before cancelling them.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]), help="How much to log on stderr.")
-def serve(model_dir, host, port, model_name, api_key, max_batch, max_queue, prefill_chunk, max_stop_strings, grace_period,
-          log_level):
+def serve(model_dir, host, port, model_name, api_key, max_batch, max_queue, prefill_chunk, prefix_cache_mb,
+          max_stop_strings, grace_period, log_level):
     """Serve the GPT-2 model in MODEL_DIR over HTTP with OpenAI's completions API.
 
     \b
@@ -59,6 +63,7 @@ def serve(model_dir, host, port, model_name, api_key, max_batch, max_queue, pref
     except ImportError as e:
         raise missing_extra("gpt-serve", "serve", e) from None
     from ..api import load
+    from ..prefix_cache import PrefixCache
     from .metrics import Metrics
     from .protocol import MAX_STOP
     from .worker import EngineWorker
@@ -66,7 +71,10 @@ def serve(model_dir, host, port, model_name, api_key, max_batch, max_queue, pref
     model = load(model_dir)
     name = model_name or Path(model_dir).resolve().name
     metrics = Metrics()
-    worker = EngineWorker(model.engine(max_batch=max_batch, prefill_chunk=prefill_chunk), max_queue, metrics)
+    if prefix_cache_mb is None:
+        prefix_cache_mb = DEFAULT_CACHE_POSITIONS * PrefixCache.bytes_per_position(model.config) / 2**20
+    engine = model.engine(max_batch=max_batch, prefill_chunk=prefill_chunk, prefix_cache=prefix_cache_mb)
+    worker = EngineWorker(engine, max_queue, metrics)
     state = ServerState(model=model, model_name=name, worker=worker, metrics=metrics, api_key=api_key or None,
                         max_stop=MAX_STOP if max_stop_strings is None else max_stop_strings)
     sock = _listen(host, port)

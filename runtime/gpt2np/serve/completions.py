@@ -113,7 +113,7 @@ class Completions:
             for j in range(req.n):
                 opts = self.options(req, len(ids), j)
                 try:
-                    seq = self.worker.engine.sequence(ids, opts)
+                    seq = self.worker.engine.sequence(ids, opts, salt=req.cache_salt)
                 except GPT2Error as e:
                     raise invalid(e) from None
                 seq.tag = i * req.n + j
@@ -173,7 +173,10 @@ class Completions:
 
     @staticmethod
     def usage(prompts: list[list[int]], seqs: list[SequenceState]) -> dict:
-        return P.usage(sum(map(len, prompts)), sum(len(s.result.ids) for s in seqs))
+        """Each prompt counts once (and its cached tokens as its first choice found them)."""
+        n = len(seqs) // len(prompts)
+        return P.usage(sum(map(len, prompts)), sum(len(s.result.ids) for s in seqs),
+                       sum(s.result.cached_tokens for s in seqs[::n]))
 
     @staticmethod
     def raise_failure(seqs: list[SequenceState]) -> None:

@@ -23,6 +23,12 @@ class Metrics:
                                 ["reason"], registry=r)
         self.prompt_tokens = Counter("gpt2np_prompt_tokens", "Prompt tokens submitted.", registry=r)
         self.generation_tokens = Counter("gpt2np_generation_tokens", "Tokens generated.", registry=r)
+        # as vLLM names them: prompt tokens looked up in the prefix cache, and found there
+        self.prefix_cache_queries = Counter("gpt2np_prefix_cache_queries", "Prompt tokens looked up in the prefix "
+                                            "cache.", registry=r)
+        self.prefix_cache_hits = Counter("gpt2np_prefix_cache_hits", "Prompt tokens found in the prefix cache "
+                                         "(not computed).", registry=r)
+        self.prefix_cache_bytes = Gauge("gpt2np_prefix_cache_bytes", "Bytes the prefix cache holds.", registry=r)
         self.time_to_first_token = Histogram(
             "gpt2np_time_to_first_token_seconds", "From a request's arrival to its first token.",
             buckets=_TTFT_BUCKETS, registry=r)

@@ -76,6 +76,7 @@ class CompletionRequest(_Strict):
     user: Optional[StrictStr] = None
     suffix: Optional[StrictStr] = None
     ignore_eos: StrictBool = False
+    cache_salt: Optional[StrictStr] = None  # vLLM's: requests with different salts never share cached prefixes
 
 
 class _Lenient(BaseModel):
@@ -130,9 +131,10 @@ def choice(index: int, text: str, logprobs: dict | None, finish_reason: FinishRe
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def logprobs(tokens: list[str], token_logprobs: list[float | None], top_logprobs: list[dict[str, float] | None],

@@ -46,6 +46,7 @@ class EngineWorker:
         self.running = 0  # sequences in the batch after the last step
         self._stop = False
         self._cancel_all = False
+        self._cache_seen = (0, 0)  # the prefix cache's counts already in the metrics
         self._thread = threading.Thread(target=self._loop, name="gpt2np-engine", daemon=True)
 
     @property
@@ -106,7 +107,16 @@ class EngineWorker:
                 log.exception("engine step failed")
                 events = self.engine.fail_all("internal error in the engine")
             self.running = self.engine.n_running
+            self._count_cache()
             self._deliver(events)
+
+    def _count_cache(self) -> None:
+        cache = self.engine.prefix_cache
+        if cache is not None:
+            self.metrics.prefix_cache_queries.inc(cache.queries - self._cache_seen[0])
+            self.metrics.prefix_cache_hits.inc(cache.hits - self._cache_seen[1])
+            self._cache_seen = (cache.queries, cache.hits)
+            self.metrics.prefix_cache_bytes.set(cache.bytes)
 
     def _deliver(self, events: list[Event]) -> None:
         now, by_listener, done = time.perf_counter(), {}, 0

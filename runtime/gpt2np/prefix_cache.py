@@ -1,0 +1,116 @@
+"""The prefix cache: positions already computed for a token-id prefix, reused by any later sequence
+that starts with the same ids, so that only the rest of its prompt is computed.
+
+Prefixes are cut into blocks of `BLOCK` tokens and keyed as vLLM keys them: a block's key hashes
+its parent's key, its own ids and the sequence's salt, so a key names the whole prefix up to the
+block's end, and sequences with different salts never share a block. Each block keeps its
+positions' keys and values and, when the sequence that computed them scored its prompt, what it
+takes to answer prompt log-probabilities from the cache: each position's log-normalizer, its
+`TOP` most likely tokens with their logits, and the logit of the token that follows it. Cached
+and computed positions so give the same floats (the same logits through the same expression).
+
+A sequence reuses all its cached positions but the last one, which it computes again: that
+position's logits are what its first new position (or generated token) needs, and computing them
+keeps every logit a cache hit reports one that a forward pass produced. Blocks are copied into the
+sequence's own cache, so a block is in use only while it is copied; the least recently used go
+first when the cache is over its byte budget.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import GPT2Config
+from .options import MAX_TOP_LOGPROBS
+
+BLOCK = 16  # tokens per block
+TOP = MAX_TOP_LOGPROBS  # alternatives kept per position: enough for any prompt_logprobs
+
+
+@dataclass
+class Stats:
+    """What a block's positions answer prompt log-probabilities with (None where not scored)."""
+
+    top: np.ndarray  # [B] max logit of each position (float32)
+    log_sum: np.ndarray  # [B] log Σ exp(logits − max) (float64)
+    top_ids: np.ndarray  # [B, TOP] most likely tokens, most likely first (ties by id)
+    top_logits: np.ndarray  # [B, TOP] their logits (float32)
+    next_logit: np.ndarray  # [B] at position i < B - 1, the logit of the block's token i + 1
+
+
+@dataclass
+class Block:
+    key: bytes
+    kT: np.ndarray  # [n_layer, H, D, BLOCK]
+    v: np.ndarray  # [n_layer, H, BLOCK, D]
+    entry_logit: float | None  # the logit, at the previous position, of this block's first token (None: unknown)
+    stats: Stats | None
+
+    @property
+    def nbytes(self) -> int:
+        n = self.kT.nbytes + self.v.nbytes
+        if self.stats is not None:
+            n += sum(a.nbytes for a in vars(self.stats).values())
+        return n
+
+
+def block_keys(ids, salt: str | None) -> list[bytes]:
+    """The key of each full block of `ids`: each hashes its parent's key, its ids and the salt."""
+    keys, parent = [], (salt or "").encode("utf-8")
+    arr = np.asarray(ids, dtype=np.int64)
+    for start in range(0, len(arr) - BLOCK + 1, BLOCK):
+        parent = hashlib.blake2b(parent + arr[start:start + BLOCK].tobytes(), digest_size=16).digest()
+        keys.append(parent)
+    return keys
+
+
+class PrefixCache:
+    """Blocks of computed positions under a byte budget, least recently used evicted first.
+
+    `queries` and `hits` count prompt tokens looked up and found (as vLLM counts them)."""
+
+    def __init__(self, config: GPT2Config, budget_bytes: int):
+        self.config, self.budget = config, int(budget_bytes)
+        self.blocks: collections.OrderedDict[bytes, Block] = collections.OrderedDict()
+        self.bytes = 0
+        self.queries = self.hits = 0
+
+    @staticmethod
+    def bytes_per_position(config: GPT2Config) -> int:
+        """What one cached position costs: its keys and values, and its scoring record."""
+        return 2 * config.n_layer * config.n_embd * 4 + 4 + 8 + TOP * 12 + 4
+
+    def lookup(self, keys: list[bytes], need_stats: bool) -> list[Block]:
+        """The cached blocks that begin the prefix with these keys, in order (with `need_stats`,
+        only blocks that can answer prompt log-probabilities)."""
+        found = []
+        for key in keys:
+            block = self.blocks.get(key)
+            if block is None or need_stats and (block.stats is None or (found and block.entry_logit is None)):
+                break
+            self.blocks.move_to_end(key)
+            found.append(block)
+        return found
+
+    def insert(self, block: Block) -> None:
+        """Keep `block` (replacing one with its key, which it may know more than), evicting the
+        least recently used blocks to stay within the budget."""
+        old = self.blocks.pop(block.key, None)
+        if old is not None:
+            self.bytes -= old.nbytes
+            if block.stats is None and old.stats is not None:  # keep what the older one knew
+                block.stats, block.entry_logit = old.stats, old.entry_logit
+        if block.nbytes > self.budget:
+            return
+        while self.bytes + block.nbytes > self.budget:
+            _, gone = self.blocks.popitem(last=False)
+            self.bytes -= gone.nbytes
+        self.blocks[block.key] = block
+        self.bytes += block.nbytes
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self.blocks

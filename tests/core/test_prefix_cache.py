@@ -1,0 +1,132 @@
+"""The prefix cache: cached positions give what computed ones give, prefixes are computed once,
+salts isolate, the byte budget holds."""
+
+import numpy as np
+import pytest
+
+import gpt2np
+from gpt2np import Options
+from gpt2np.prefix_cache import BLOCK
+
+
+@pytest.fixture(scope="module")
+def model(small_model_dir):
+    return gpt2np.load(small_model_dir)
+
+
+def ids(rng, n):
+    return [int(i) for i in rng.integers(0, 50257, n)]
+
+
+def run(model, prompts, options, cache=None, salts=None, **engine):
+    e = model.engine(prefix_cache=cache, **engine)
+    seqs = [e.add(p, options, salt=(salts or [None] * len(prompts))[i]) for i, p in enumerate(prompts)]
+    e.run()
+    return [s.result for s in seqs], e
+
+
+def multiple_choice(rng, context=45, choices=(2, 3, 5, 1)):
+    ctx = ids(rng, context)
+    return [ctx + ids(rng, k) for k in choices]
+
+
+def test_cached_positions_give_what_computed_ones_give(model):
+    """Four prompts sharing a 45-token context (a multiple-choice item), with and without the
+    cache, and again on a warm cache: the same prompt log-probabilities (to 1e-5; the cached
+    floats are those of the pass that computed them) and the same top alternatives."""
+    prompts = multiple_choice(np.random.default_rng(0))
+    scoring = Options(n_tokens=0, prompt_logprobs=3)
+    cold, _ = run(model, prompts, scoring)
+    cache = model.prefix_cache(64)
+    for round in range(2):  # the second round reads every prompt's context from the warm cache
+        warm, _ = run(model, prompts, scoring, cache)
+        cached = [r.cached_tokens for r in warm]
+        assert cached == [0, 31, 31, 31] if round == 0 else min(cached) >= 31  # two blocks of the context
+        for a, b in zip(cold, warm):
+            assert len(a.prompt_logprobs) == len(b.prompt_logprobs) == len(a.prompt_ids)
+            np.testing.assert_allclose(a.prompt_logprobs[1:], b.prompt_logprobs[1:], rtol=0, atol=1e-5)
+            for x, y in zip(a.prompt_top_logprobs[1:], b.prompt_top_logprobs[1:]):
+                assert list(x) == list(y) and np.allclose(list(x.values()), list(y.values()), atol=1e-5)
+    assert cache.hits > 0 and cache.queries >= cache.hits
+
+
+def test_a_tokens_value_is_its_top_entry_on_cached_positions(model):
+    """lm-evaluation-harness compares a token's log-probability with its top entry by ==: on
+    cached positions too."""
+    rng = np.random.default_rng(1)
+    ctx = ids(rng, 20)
+    own = model.complete(ctx, 30, stop_at_eos=False).ids  # greedy tokens: each is its position's top
+    cache = model.prefix_cache(64)
+    for _ in range(2):
+        (r,), _ = run(model, [ctx + own], Options(n_tokens=0, prompt_logprobs=1), cache)
+        greedy = [(lp, top) for t, lp, top in zip(r.prompt_ids[21:], r.prompt_logprobs[21:], r.prompt_top_logprobs[21:])]
+        assert all(top[t] == lp for (lp, top), t in zip(greedy, own[1:]))
+    assert r.cached_tokens == 3 * BLOCK - 1
+
+
+def test_generation_is_the_same_with_the_cache(model):
+    prompts = multiple_choice(np.random.default_rng(2))
+    greedy = Options(n_tokens=8, stop_at_eos=False)
+    cold, _ = run(model, prompts, greedy)
+    cache = model.prefix_cache(64)
+    for _ in range(2):
+        warm, _ = run(model, prompts, greedy, cache, prefill_chunk=7)
+        assert [r.ids for r in warm] == [r.ids for r in cold]
+        np.testing.assert_allclose([r.logprobs for r in warm], [r.logprobs for r in cold], atol=1e-5)
+    sampled = Options(n_tokens=8, temperature=0.9, seed=3, stop_at_eos=False)
+    assert [r.ids for r in run(model, prompts, sampled, cache)[0]] == [r.ids for r in run(model, prompts, sampled)[0]]
+
+
+def test_sequences_admitted_together_compute_a_shared_prefix_once(model, monkeypatch):
+    """The 4 prompts of one item, arriving together: the first computes the context, the others
+    wait for its blocks and compute only their own part."""
+    import gpt2np.engine as E
+
+    rows, real = [], E.transformer
+    monkeypatch.setattr(E, "transformer", lambda p, c, batch, **kw: rows.append(sum(len(i) for i, _ in batch))
+                        or real(p, c, batch, **kw))
+    prompts = multiple_choice(np.random.default_rng(3))
+    results, e = run(model, prompts, Options(n_tokens=0, prompt_logprobs=1), model.prefix_cache(64))
+    assert [r.cached_tokens for r in results] == [0, 31, 31, 31]
+    assert sum(rows) == sum(map(len, prompts)) - 3 * 31
+    # n samples of one prompt read it once as well
+    rows.clear()
+    same = [prompts[0]] * 3
+    results, e = run(model, same, Options(n_tokens=2, temperature=1.0, seed=1), model.prefix_cache(64))
+    assert [r.cached_tokens for r in results] == [0, 31, 31]
+
+
+def test_different_salts_never_share(model):
+    prompts = multiple_choice(np.random.default_rng(4))
+    cache = model.prefix_cache(64)
+    results, _ = run(model, prompts, Options(n_tokens=1), cache, salts=["a", "b", "a", None])
+    assert [r.cached_tokens for r in results] == [0, 0, 31, 0]
+
+
+def test_the_byte_budget_holds_and_the_least_recent_goes_first(model):
+    per_block = 2 * model.config.n_layer * model.config.n_embd * 4 * BLOCK  # keys and values (no scores kept)
+    cache = model.prefix_cache(per_block * 5.5 / 2**20)  # room for five blocks
+    rng = np.random.default_rng(5)
+    first = ids(rng, 3 * BLOCK + 1)
+    run(model, [first], Options(n_tokens=1), cache)
+    assert len(cache.blocks) == 3
+    for _ in range(4):
+        run(model, [ids(rng, 2 * BLOCK + 1)], Options(n_tokens=1), cache)
+        assert cache.bytes <= cache.budget and len(cache.blocks) <= 5
+    (again,), _ = run(model, [first], Options(n_tokens=1), cache)
+    assert again.cached_tokens == 0  # evicted: its blocks were the least recently used
+
+
+def test_scoring_uses_the_cache(model):
+    rng = np.random.default_rng(6)
+    shared = ids(rng, 40)
+    texts = [shared + ids(rng, k) for k in (5, 9, 3)]
+    plain = model.score_batch(texts)
+    cache = model.prefix_cache(64)
+    for _ in range(2):
+        cached = model.score_batch(texts, prefix_cache=cache)
+        for a, b in zip(plain, cached):
+            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+    assert cache.hits >= 3 * (2 * BLOCK - 1)
+    with pytest.raises(gpt2np.GPT2Error, match="prefix_cache"):
+        model.engine(prefix_cache=-1)
