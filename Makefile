@@ -57,10 +57,12 @@ bench-peers: install
 	$(BIN)/pip install --quiet -e '.[bench,bench-peers]'
 	$(BIN)/python bench/peers_bench.py $(BENCH_ARGS)
 
-## bench-serve: gpt-serve under load on loopback; writes bench/results/{SERVE.md,serve.json}
+## bench-serve: gpt-serve under load on loopback, then its prefix cache on against off (and vLLM's CPU
+##              build beside it when installed, see bench/prefix_bench.py); writes bench/results/{SERVE,PREFIX}.md
 bench-serve: install
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/serve_bench.py $(BENCH_ARGS)
+	$(BIN)/python bench/prefix_bench.py
 
 ## bench-ray: the Ray Data stage against one process doing the same work; writes bench/results/{RAY.md,ray.json}
 bench-ray: install

@@ -3,7 +3,9 @@
 Every front door drives this loop: `GPT2.generate`, `generate_batch` and `score`, `gpt-run`,
 `gpt-serve`, the Ray stages and `gpt-explain`. Each `step()`:
 
-1. drops cancelled sequences, then admits waiting ones while fewer than `max_batch` run;
+1. drops cancelled sequences, then admits waiting ones while fewer than `max_batch` run (with a
+   prefix cache, an admitted prompt starts after the positions the cache holds for it, and one
+   whose next blocks a running sequence is computing waits for them);
 2. gathers the positions each running sequence needs next: one token for a decoding sequence, a
    chunk of its prompt for one still reading it (at most `prefill_chunk` prompt tokens per step in
    all, so that decoding sequences keep moving while a long prompt is read);
