@@ -10,7 +10,8 @@ in one run (random-weight 124M), and vLLM's CPU build beside them when it is ins
   question of its own, 8 greedy tokens, 4 concurrent;
 - random prompts that share nothing (200 tokens, 16 greedy tokens, 4 concurrent): what the cache
   costs when it never hits;
-- memory: the server's RSS after 10,000 distinct cacheable requests, against its budget.
+- memory: the server's RSS after 10,000 distinct cacheable requests (17 tokens: one block each), against
+  its budget.
 
     python bench/prefix_bench.py [--items 50] [--memory-requests 10000] [--vllm-python PATH]
 """
@@ -183,7 +184,7 @@ def main() -> None:
         done = 0
         while done < a.memory_requests:
             n = min(500, a.memory_requests - done)
-            asyncio.run(requests_at(mem, [{"prompt": rand_ids(rng, 33), "max_tokens": 1} for _ in range(n)], 8))
+            asyncio.run(requests_at(mem, [{"prompt": rand_ids(rng, 17), "max_tokens": 1} for _ in range(n)], 8))
             done += n
         metrics = httpx.get(mem.url + "/metrics").text
         held = float(re.search(r"^gpt2np_prefix_cache_bytes (\S+)$", metrics, re.M).group(1))
