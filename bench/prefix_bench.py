@@ -39,6 +39,10 @@ from bench import blas_info, cpu_name, make_model  # noqa: E402
 from serve_bench import Server  # noqa: E402
 
 
+class _Skip(Exception):
+    pass
+
+
 class VLLM:
     """vLLM's OpenAI server (its CPU build, in its own venv), as ../shared/PERF-NOTES.md runs it."""
 
@@ -176,8 +180,10 @@ def main() -> None:
     finally:
         off.stop()
 
-    mem = Server(folder, "--max-batch", "16", "--prefix-cache-mb", str(a.memory_budget_mb))
+    mem = Server(folder, "--max-batch", "16", "--prefix-cache-mb", str(a.memory_budget_mb)) if a.memory_requests else None
     try:
+        if mem is None:
+            raise _Skip
         asyncio.run(requests_at(mem, random_bodies(2, seed=9), 2))
         before = rss_mb(mem.proc.pid)
         rng = np.random.default_rng(4)
@@ -191,8 +197,11 @@ def main() -> None:
         res["memory"] = {"requests": done, "budget_mb": a.memory_budget_mb, "rss_before_mb": before,
                          "rss_after_mb": rss_mb(mem.proc.pid), "cache_held_mb": held / 2**20}
         print(f"memory: {res['memory']}", file=sys.stderr)
+    except _Skip:
+        pass
     finally:
-        mem.stop()
+        if mem is not None:
+            mem.stop()
 
     if a.vllm_python.exists():
         try:
@@ -228,11 +237,13 @@ def report(res: dict) -> str:
                         ("random", "random prompts, nothing shared (200 + 16 tokens)")):
         lines.append(f"| {label} | {on[name]['requests']} | {on[name]['seconds']:.1f} | {off[name]['seconds']:.1f} | "
                      f"{off[name]['seconds'] / on[name]['seconds']:.2f}x |")
-    m = res["memory"]
-    lines += ["", f"- Memory: after {m['requests']:,} distinct cacheable requests with a {m['budget_mb']:.0f} MB "
+    m = res.get("memory")
+    lines += [""] if m is None else ["", f"- Memory: after {m['requests']:,} distinct cacheable requests with a {m['budget_mb']:.0f} MB "
                   f"budget, the cache held {m['cache_held_mb']:.1f} MB and the server's RSS went from "
                   f"{m['rss_before_mb']:.0f} to {m['rss_after_mb']:.0f} MB "
                   f"(+{m['rss_after_mb'] - m['rss_before_mb']:.0f} MB)."]
+    if m is None:
+        lines.append("- Memory: not measured in this run (--memory-requests 0).")
     if "vllm" in res:
         v = res["vllm"]["loglikelihood"]
         lines.append(f"- vLLM's CPU build, the same loglikelihood workload: {v['seconds']:.1f} s; gpt-serve with its "

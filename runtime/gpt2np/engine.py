@@ -245,7 +245,7 @@ class Engine:
             s.result.cached_tokens = reused
             cache.hits += reused
             if s.scoring:
-                s.score_cached(_record(blocks), reused)
+                s.take_cached(_record(blocks), reused)
         for key in s.keys[len(blocks):]:
             self._inflight.setdefault(key, s)
 

@@ -177,6 +177,8 @@ class SequenceState:
             rec["top"][span], rec["log_sum"][span], rec["scored"][span] = tops, log_sums, True
             rec["top_ids"][span], rec["top_logits"][span] = ids, np.take_along_axis(logits, ids, axis=1)
             rec["next_logit"][span] = logits[rows, prompt[first + 1:first + 1 + len(logits)]]
+            self.score_cached({k: v[span] for k, v in rec.items()}, len(logits), start=first)
+            return
         for j, (row, norm) in enumerate(zip(logits, zip(tops, log_sums)), start=first):
             r.prompt_logprobs.append(token_logprob(row, prompt[j + 1], norm))
             r.prompt_top_logprobs.append(top_logprobs(row, opts.prompt_logprobs, norm) if opts.prompt_logprobs else {})
@@ -188,15 +190,27 @@ class SequenceState:
                        "top_ids": np.zeros((n, TOP), np.int64), "top_logits": np.zeros((n, TOP), np.float32),
                        "next_logit": np.zeros(n, np.float32)}
 
-    def score_cached(self, record: dict[str, np.ndarray], reused: int) -> None:
-        """Record the prompt's log-probabilities at the `reused` positions taken from the prefix
-        cache, from their scoring as the cache kept it (`record`: arrays over those positions)."""
-        r, prompt, n = self.result, self.result.prompt_ids, self.options.prompt_logprobs
-        for j in range(max(0, self.score_from - 1), reused):
-            norm = (record["top"][j], record["log_sum"][j])
-            r.prompt_logprobs.append(float(logprob(record["next_logit"][j], norm)))
-            values = logprob(record["top_logits"][j, :n], norm) if n else ()
-            r.prompt_top_logprobs.append({int(i): float(v) for i, v in zip(record["top_ids"][j, :n], values)})
+    def score_cached(self, record: dict[str, np.ndarray], n_positions: int, start: int = 0) -> None:
+        """Record the prompt's log-probabilities at positions start .. start + n_positions - 1 from
+        their scoring as the prefix cache keeps it (`record`: arrays over those positions, from the
+        cache, or just made): the same floats `token_logprob` and `top_logprobs` give from the
+        logits (the same logits, normalizer and expression)."""
+        r, n = self.result, self.options.prompt_logprobs
+        begin = max(0, self.score_from - 1 - start)
+        lps = logprob(record["next_logit"][begin:n_positions], (record["top"][begin:n_positions],
+                                                                 record["log_sum"][begin:n_positions]))
+        r.prompt_logprobs += lps.tolist()
+        if not n:
+            r.prompt_top_logprobs += [{} for _ in range(begin, n_positions)]
+            return
+        values = logprob(record["top_logits"][begin:n_positions, :n], (record["top"][begin:n_positions, None],
+                                                                         record["log_sum"][begin:n_positions, None]))
+        for ids, vals in zip(record["top_ids"][begin:n_positions, :n].tolist(), values.tolist()):
+            r.prompt_top_logprobs.append(dict(zip(ids, vals)))
+
+    def take_cached(self, record: dict[str, np.ndarray], reused: int) -> None:
+        """The `reused` positions' scoring from the prefix cache: into the result, and kept."""
+        self.score_cached(record, reused)
         if self.record is not None:
             for name, values in record.items():
                 self.record[name][:reused] = values[:reused]
