@@ -103,3 +103,17 @@ def test_json_logprobs_are_one_float_per_token(small_model_dir):
     assert len(inside) >= 8
     assert all(top[t] == lp for t, lp, top in inside)
     assert all(max(top.values()) == top[next(iter(top))] for _, _, top in inside)
+
+
+def test_prompts_file_and_score_with_a_prefix_cache(small_model_dir, tmp_path):
+    """--prefix-cache-mb changes how much is computed, not what comes out (greedy)."""
+    shared = "A long shared beginning that every prompt in this file starts with, word for word, " * 2
+    (tmp_path / "p.txt").write_text("".join(f"{shared}then prompt {i}\n" for i in range(4)))
+    plain = run_cli("gpt-run", str(small_model_dir), "--prompts-file", str(tmp_path / "p.txt"), "-n", "5")
+    cached = run_cli("gpt-run", str(small_model_dir), "--prompts-file", str(tmp_path / "p.txt"), "-n", "5",
+                     "--prefix-cache-mb", "16")
+    assert plain.returncode == cached.returncode == 0, cached.stderr.decode()
+    rows = [json.loads(line) for line in cached.stdout.splitlines()]
+    assert [r["ids"] for r in rows] == [json.loads(line)["ids"] for line in plain.stdout.splitlines()]
+    bad = run_cli("gpt-run", str(small_model_dir), "--prompts-file", str(tmp_path / "p.txt"), "--prefix-cache-mb", "-1")
+    assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1

@@ -87,6 +87,16 @@ def generation_options(command=None, *, exclude: tuple[str, ...] = ()):
     return wrapper
 
 
+def stride_option(help: str):
+    """The sliding window's --stride for scoring (gpt-run --score, gpt-batch --task score)."""
+    return click.option("--stride", type=click.IntRange(min=1), default=None, help=help)
+
+
+def prefix_cache_option(help: str):
+    """--prefix-cache-mb for commands that run many prompts (gpt-run, gpt-batch; gpt-serve has its own default)."""
+    return click.option("--prefix-cache-mb", type=click.FloatRange(min=0), default=0, show_default=True, help=help)
+
+
 def parse_logit_bias(items) -> dict[int, float]:
     """`["50256=-100", "13=2.5"]` (the command-line form) -> {50256: -100.0, 13: 2.5}."""
     out = {}

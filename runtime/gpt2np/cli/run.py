@@ -9,7 +9,7 @@ import click
 
 from ..errors import GPT2Error
 from ..prompts import parse_jsonl_line, row_text
-from .common import Out, generation_options, read_text, run_command
+from .common import Out, generation_options, prefix_cache_option, read_text, run_command, stride_option
 
 
 def read_prompts(source: str) -> list[str]:
@@ -51,11 +51,9 @@ def _stats(g) -> str:
               help="With --prompts-file: how many prompts decode together.")
 @click.option("--score", "score_source", metavar="FILE",
               help="Score the text in FILE (- for stdin): log-probabilities, NLL, perplexity.")
-@click.option("--stride", type=click.IntRange(min=1), default=None,
-              help="With --score: how far the window moves for texts longer than the context [default: half of it].")
-@click.option("--prefix-cache-mb", type=click.FloatRange(min=0), default=0, show_default=True,
-              help="With --prompts-file or --score: memory for a prefix cache, so that prompts (or texts) that "
-                   "begin alike compute the shared part once.")
+@stride_option("With --score: how far the window moves for texts longer than the context [default: half of it].")
+@prefix_cache_option("With --prompts-file or --score: memory for a prefix cache, so that prompts (or texts) that "
+                     "begin alike compute the shared part once.")
 @click.option("--verify", is_flag=True,
               help="Check MODEL_DIR's files against the SHA256SUMS that gpt-convert wrote, and name what differs.")
 @click.option("--json", "as_json", is_flag=True,

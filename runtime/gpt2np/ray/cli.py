@@ -10,7 +10,7 @@ import warnings
 
 import click
 
-from ..cli.common import generation_options, progress, run_command
+from ..cli.common import generation_options, prefix_cache_option, progress, run_command, stride_option
 from ..errors import GPT2Error, missing_extra
 from ..outdir import atomic_output_dir
 from . import job
@@ -31,11 +31,9 @@ from . import job
               help="BLAS threads (and Ray CPUs) per actor.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1),
               help="Rows per batch: decoded together in one forward pass per step.")
-@click.option("--stride", type=click.IntRange(min=1), default=None,
-              help="With --task score: the sliding window's step for texts longer than the context.")
-@click.option("--prefix-cache-mb", type=click.FloatRange(min=0), default=0, show_default=True,
-              help="Memory per worker for a prefix cache: rows whose prompts (or texts) begin alike reuse "
-                   "the computed part.")
+@stride_option("With --task score: the sliding window's step for texts longer than the context.")
+@prefix_cache_option("Memory per worker for a prefix cache: rows whose prompts (or texts) begin alike reuse the "
+                     "computed part.")
 @click.option("--force", is_flag=True, help="Replace a non-empty OUTPUT_DIR.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @generation_options
