@@ -72,6 +72,15 @@ def make_model(folder: Path, name: str) -> Path:
     return folder
 
 
+def save_results(out: Path, stem: str, res: dict, text: str) -> None:
+    """Write a bench's results as `out/STEM.json` and its report as `out/STEM-uppercase.md`, and
+    print the report."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=2))
+    (out / f"{stem.upper()}.md").write_text(text)
+    print(text)
+
+
 def blas_info() -> dict:
     try:
         from threadpoolctl import threadpool_info

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import re
 import statistics
@@ -35,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench import blas_info, cpu_name, make_model  # noqa: E402
+from bench import blas_info, cpu_name, make_model, save_results  # noqa: E402
 from serve_bench import Server  # noqa: E402
 
 
@@ -217,11 +216,7 @@ def main() -> None:
                 print(f"vLLM loglikelihood: {seconds:.1f} s", file=sys.stderr)
             finally:
                 v.stop()
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "prefix.json").write_text(json.dumps(res, indent=2))
-    text = report(res)
-    (a.out / "PREFIX.md").write_text(text)
-    print(text)
+    save_results(a.out, "prefix", res, report(res))
 
 
 def report(res: dict) -> str:

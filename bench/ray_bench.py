@@ -16,7 +16,6 @@ the start of Ray itself (a cluster is up before a job). Ratios in one run are wh
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench import blas_info, cpu_name, make_model  # noqa: E402
+from bench import blas_info, cpu_name, make_model, save_results  # noqa: E402
 
 
 def in_process(folder: Path, prompts: list[str], tokens: int, batch_size: int, threads: int) -> dict:
@@ -90,11 +89,7 @@ def main() -> None:
         res["ray_2_workers"] = on_ray(folder, prompts, a.tokens, a.batch_size, 2)
     finally:
         ray.shutdown()
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "ray.json").write_text(json.dumps(res, indent=2))
-    text = report(res)
-    (a.out / "RAY.md").write_text(text)
-    print(text)
+    save_results(a.out, "ray", res, report(res))
 
 
 def report(res: dict) -> str:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import gpt2np  # noqa: E402
 
-from bench import blas_info, cpu_name, make_model  # noqa: E402
+from bench import blas_info, cpu_name, make_model, save_results  # noqa: E402
 
 BIN = Path(sys.executable).parent
 PROMPT = "The history of the city begins with"
@@ -198,11 +198,7 @@ def main() -> None:
     after = in_process(model, a.tokens)
     res["in_process_tokens_per_s"] = (before + after) / 2
     res["in_process_before_after"] = [before, after]
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "serve.json").write_text(json.dumps(res, indent=2))
-    text = report(res)
-    (a.out / "SERVE.md").write_text(text)
-    print(text)
+    save_results(a.out, "serve", res, report(res))
 
 
 if __name__ == "__main__":

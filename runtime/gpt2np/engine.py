@@ -215,12 +215,19 @@ class Engine:
         prompt (then it reads them from the cache instead of computing them again)."""
         if not self._cacheable(s):
             return False
-        keys = block_keys(s.result.prompt_ids, s.salt)
+        keys = self._keys(s)
         m = next((i for i, key in enumerate(keys) if key not in self.prefix_cache), len(keys))
         reader = self._inflight.get(keys[m]) if m < len(keys) else None
         if reader is None or reader.done:
             return False
         return reader.scoring or not s.scoring  # a scoring prompt needs blocks that keep their scores
+
+    @staticmethod
+    def _keys(s: SequenceState) -> list[bytes]:
+        """The cache keys of `s`'s prompt blocks, hashed once (a waiting sequence is checked every step)."""
+        if not s.keys:
+            s.keys = block_keys(s.result.prompt_ids, s.salt)
+        return s.keys
 
     def _admit(self, s: SequenceState) -> None:
         """Give `s` its place and cache; reuse what the prefix cache holds of its prompt (all but
@@ -229,7 +236,7 @@ class Engine:
         if not self._cacheable(s):
             return
         cache, prompt = self.prefix_cache, s.result.prompt_ids
-        s.keys = block_keys(prompt, s.salt)
+        self._keys(s)
         if s.scoring:
             s.start_record()
         blocks = cache.lookup(s.keys, need_stats=s.scoring)
