@@ -146,12 +146,15 @@ class GPT2:
         return Options(n_tokens=n_tokens, **options)
 
     def engine(self, max_batch: int | None = None, prefill_chunk: int | None = None,
-               prefix_cache: PrefixCache | float | None = None) -> Engine:
+               prefix_cache: PrefixCache | float | None = None, *, max_batched_tokens: int | None = None,
+               prefill_stall: float | None = None) -> Engine:
         """A decode loop over this model, for callers that add and step sequences themselves
-        (a server, a pipeline stage). See `gpt2np.engine.Engine`. `prefix_cache`: a prefix cache
-        to use (engines may share one), or a number of MB for a new one (0 or None: none)."""
+        (a server, a pipeline stage). See `gpt2np.engine.Engine` for the step budget
+        (`max_batch`, `max_batched_tokens`, `prefill_chunk`, `prefill_stall`). `prefix_cache`: a
+        prefix cache to use (engines may share one), or a number of MB for a new one (0 or None: none)."""
         return Engine(self.params, self.config, self.tokenizer, max_batch=max_batch, prefill_chunk=prefill_chunk,
-                      prefix_cache=self.prefix_cache(prefix_cache))
+                      prefix_cache=self.prefix_cache(prefix_cache), max_batched_tokens=max_batched_tokens,
+                      prefill_stall=prefill_stall)
 
     def prefix_cache(self, budget: PrefixCache | float | None) -> PrefixCache | None:
         """A prefix cache for this model of `budget` MB (`gpt2np.prefix_cache`); a cache passes

@@ -6,9 +6,11 @@ Every front door drives this loop: `GPT2.generate`, `generate_batch` and `score`
 1. drops cancelled sequences, then admits waiting ones while fewer than `max_batch` run (with a
    prefix cache, an admitted prompt starts after the positions the cache holds for it, and one
    whose next blocks a running sequence is computing waits for them);
-2. gathers the positions each running sequence needs next: one token for a decoding sequence, a
-   chunk of its prompt for one still reading it (at most `prefill_chunk` prompt tokens per step in
-   all, so that decoding sequences keep moving while a long prompt is read);
+2. gathers the positions each running sequence needs next: one token for a decoding sequence, and
+   for those still reading their prompt as much of it as the step's budget allows: at most
+   `max_batched_tokens` positions in the pass, at most `prefill_chunk` prompt tokens, and, while
+   other sequences decode, a chunk that `PrefillPacer` sizes so that their step is not slowed more
+   than `prefill_stall` times (a lone prompt is read whole);
 3. runs them all through the model in one forward pass (one matrix product per weight), and the LM
    head once over the last position of every sequence whose prompt is read;
 4. lets each of those sequences choose its token; finished ones leave at once.
@@ -20,6 +22,7 @@ and error, so one that fails does not affect the others.
 from __future__ import annotations
 
 import collections
+import time
 from typing import Any, Iterator, NamedTuple
 
 import numpy as np
@@ -46,13 +49,63 @@ class Event(NamedTuple):
     token_text: str = ""  # the token's own decoded text (`Generation.token_texts`)
 
 
+class PrefillPacer:
+    """How many prompt tokens a step may read while other sequences decode, from measured step
+    times: a step that reads them should take at most `stall` times a step that only decodes, so
+    that the decoding streams' inter-token times stay even while a long prompt joins them.
+
+    vLLM's chunked prefill reads a fixed number of tokens per step (`--max-num-batched-tokens`);
+    a fixed number is too many for one stream on a slow machine and too few for many streams on
+    a fast one. Here the chunk follows two moving averages: the time of a step that only decodes,
+    and the time each prompt token adds to a step. It starts at `START` tokens, grows at most
+    2x per step (a noisy estimate cannot make one step far too long) and never goes below `MIN`.
+    """
+
+    START, MIN, SMOOTHING = 16, 8, 0.25
+
+    def __init__(self, stall: float):
+        if not stall > 1:
+            raise ValueError("prefill_stall must be more than 1")
+        self.stall = stall
+        self.decode_s: float | None = None  # a step with decoding sequences only
+        self.token_s: float | None = None  # what one prompt token adds to a step
+        self.last = self.START
+
+    def observe(self, n_decoding: int, n_prompt: int, seconds: float) -> None:
+        """Record a step's time: its decoding sequences and the prompt tokens it read."""
+        if n_prompt == 0:
+            if n_decoding:
+                self.decode_s = _average(self.decode_s, seconds, self.SMOOTHING)
+        elif n_decoding and self.decode_s is not None:
+            added = max(seconds - self.decode_s, 1e-6) / n_prompt
+            self.token_s = _average(self.token_s, added, self.SMOOTHING)
+            self.last = n_prompt
+
+    def chunk(self) -> int:
+        """The prompt tokens for the next step that also decodes."""
+        if self.decode_s is None or self.token_s is None:
+            return self.START
+        fits = int((self.stall - 1) * self.decode_s / self.token_s)
+        return max(self.MIN, min(fits, 2 * self.last))
+
+
+def _average(old: float | None, new: float, weight: float) -> float:
+    return new if old is None else old + weight * (new - old)
+
+
 class Engine:
     """A set of sequences decoded together. Not thread-safe: one thread calls `add` and `step`
     (`SequenceState.cancel` is the exception: any thread may call it).
 
     `max_batch`: the most sequences in one forward pass (None: no limit); others wait in order.
-    `prefill_chunk`: the most prompt tokens read per step (None: whole prompts at once, the
-    fastest for offline batches; a server sets it so that running streams are not held up).
+    The budget of a step, in positions of one forward pass (each decoding sequence takes one;
+    prompts being read share the rest, in order of arrival):
+    `max_batched_tokens`: the most positions in a pass (vLLM's `--max-num-batched-tokens`;
+    decoding sequences always run, so prompts wait while they alone fill it). `prefill_chunk`: the
+    most prompt tokens read per step. `prefill_stall`: while sequences decode, prompts are read
+    in chunks that keep their step within about this many times a step that only decodes (see
+    `PrefillPacer`; a server sets it so that running streams are not held up). None for each:
+    no limit, so whole prompts at once, the fastest for offline batches.
     `prefix_cache`: a `gpt2np.prefix_cache.PrefixCache` (engines may share one; None: none).
     With one, a prompt starting with ids already computed reuses those positions, and a prompt
     whose next blocks another running sequence is computing waits for them instead of computing
@@ -61,9 +114,12 @@ class Engine:
 
     def __init__(self, params: Params, config: GPT2Config, tokenizer: Tokenizer,
                  max_batch: int | None = None, prefill_chunk: int | None = None,
-                 prefix_cache: PrefixCache | None = None):
-        if max_batch is not None and max_batch < 1 or prefill_chunk is not None and prefill_chunk < 1:
-            raise ValueError("max_batch and prefill_chunk must be at least 1")
+                 prefix_cache: PrefixCache | None = None, max_batched_tokens: int | None = None,
+                 prefill_stall: float | None = None):
+        if any(n is not None and n < 1 for n in (max_batch, prefill_chunk, max_batched_tokens)):
+            raise ValueError("max_batch, prefill_chunk and max_batched_tokens must be at least 1")
+        self.pacer = PrefillPacer(prefill_stall) if prefill_stall is not None else None
+        self.max_batched_tokens = max_batched_tokens
         self.prefix_cache = prefix_cache
         self._inflight: dict[bytes, SequenceState] = {}  # block keys a running sequence will add to the cache
         self.params, self.config, self.tokenizer = params, config, tokenizer
@@ -159,52 +215,93 @@ class Engine:
 
     def _pass(self, events: list[Event]) -> None:
         batch = self._positions()
+        if not batch:  # every running sequence is reading a prompt and the budget is spent
+            return
+        reading = [n for s, n in batch if s.reading]  # before the pass: it ends their reading
+        started = time.perf_counter()
+        self._pass_positions(batch, events)
+        if self.pacer is not None:
+            self.pacer.observe(len(batch) - len(reading), sum(reading), time.perf_counter() - started)
+
+    def _pass_positions(self, batch: list[tuple[SequenceState, int]], events: list[Event]) -> None:
         try:
             hidden = transformer(self.params, self.config, [(s.pending[:n], s.cache) for s, n in batch],
                                  all_positions=[s.scoring for s, _ in batch])
-            ready = []
+            scored = []
             for (s, n), h in zip(batch, hidden):
-                first = s.cache.length - n
+                scored.append((s, h, s.cache.length - n))
                 s.pending = s.pending[n:]
-                if s.scoring and not _guarded(s, events, "scoring the prompt", self._score, s, h, first)[0]:
+            self._score([job for job in scored if job[0].scoring], events)
+            ready = []
+            for s, h, _ in scored:
+                if s.done:  # its scoring failed
                     continue
                 if s.fresh and len(s.pending) == 0 and self.prefix_cache is not None:
                     _guarded(s, events, "caching the prompt", self._cache_prompt, s)
                 if len(s.pending) == 0:
                     ready.append((s, h[-1:]))
-            logits = norms = ()
-            if ready:  # one LM head product serves them all
-                logits = lm_head(self.params, np.concatenate([h for _, h in ready]))
-                norms = zip(*log_normalizers(logits))
+            choosing = [h for s, h in ready if s.options.n_tokens]  # a prompt only scored needs no logits
+            logits = norms = iter(())
+            if choosing:  # one LM head product serves them all
+                rows = lm_head(self.params, np.concatenate(choosing))
+                logits, norms = iter(rows), zip(*log_normalizers(rows))
         except Exception as e:  # noqa: BLE001 -- a failed pass fails its sequences, never the loop
             for s, _ in batch:
                 if not s.done:
                     s.fail(f"the forward pass failed: {type(e).__name__}: {e}")
                     events.append(Event(s))
             return
-        for (s, _), row, norm in zip(ready, logits, norms):
+        for s, _ in ready:
+            row, norm = (next(logits), next(norms)) if s.options.n_tokens else (None, None)
             ok, chosen = _guarded(s, events, "choosing a token", s.accept, row, norm)
             if ok:
                 events.append(Event(s, *chosen))
 
     def _positions(self) -> list[tuple[SequenceState, int]]:
-        """How many pending positions of each running sequence go into this step's pass: all of a
-        decoding sequence's one, and of the prompts being read at most `prefill_chunk` in all."""
-        budget = self.prefill_chunk if self.prefill_chunk is not None else float("inf")
+        """How many pending positions of each running sequence go into this step's pass: a
+        decoding sequence's one, and of the prompts being read (a prompt, or a sliding window's
+        restart) what the step's budget leaves, in order."""
+        decoding = sum(1 for s in self.running if not s.reading and len(s.pending))
+        budget = min(self.prefill_chunk or np.inf, (self.max_batched_tokens or np.inf) - decoding)
+        if decoding and self.pacer is not None:
+            budget = min(budget, self.pacer.chunk())
         batch = []
         for s in self.running:
             n = len(s.pending)
-            if s.reading:  # a prompt (or a sliding window's restart)
-                n = int(min(n, budget))
+            if s.reading:
+                n = int(min(n, max(budget, 0)))
                 budget -= n
             if n:
                 batch.append((s, n))
         return batch
 
-    def _score(self, s: SequenceState, h: np.ndarray, first: int) -> None:
-        rows = s.score_rows(first, len(h))  # the LM head runs only over the positions that score
-        for lo in range(rows.start, rows.stop, SCORE_ROWS):
-            s.score_prompt(lm_head(self.params, h[lo:min(lo + SCORE_ROWS, rows.stop)]), first + lo)
+    def _score(self, jobs: list[tuple[SequenceState, np.ndarray, int]], events: list[Event]) -> None:
+        """Score the prompt positions just read by each scoring sequence (`jobs`: the sequence, its
+        hidden states, the position of their first row). The LM head runs only over the rows that
+        score, of every sequence together, `SCORE_ROWS` rows per product: a step that reads the
+        short tails of several prompts makes one product, not one each."""
+        chunk: list[tuple[SequenceState, int, np.ndarray]] = []
+        room = SCORE_ROWS
+        for s, h, first in jobs:
+            rows = s.score_rows(first, len(h))
+            h, position = h[rows], first + rows.start
+            while len(h):
+                chunk.append((s, position, h[:room]))
+                taken = len(chunk[-1][2])
+                h, position, room = h[taken:], position + taken, room - taken
+                if room == 0:
+                    self._score_chunk(chunk, events)
+                    chunk, room = [], SCORE_ROWS
+        if chunk:
+            self._score_chunk(chunk, events)
+
+    def _score_chunk(self, chunk: list[tuple[SequenceState, int, np.ndarray]], events: list[Event]) -> None:
+        logits = lm_head(self.params, np.concatenate([h for _, _, h in chunk]) if len(chunk) > 1 else chunk[0][2])
+        row = 0
+        for s, position, h in chunk:
+            if not s.done:
+                _guarded(s, events, "scoring the prompt", s.score_prompt, logits[row:row + len(h)], position)
+            row += len(h)
 
     # ------------------------------------------------------------------------ the prefix cache
     def _cacheable(self, s: SequenceState) -> bool:

@@ -68,11 +68,20 @@ def log_normalizer(logits: np.ndarray) -> tuple[np.floating, np.floating]:
 
 def log_normalizers(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """`log_normalizer` of each row of logits [N, V] (the arrays of the maxima and the log sums),
-    in one pass over all rows: a batch's rows cost a few large operations, not N small ones."""
-    top = logits.max(axis=-1, keepdims=True)
-    e = np.subtract(logits, top, dtype=np.float32)
-    np.exp(e, out=e)
-    return top[:, 0], np.log(e.sum(axis=-1, dtype=np.float64))
+    in one pass over all rows: a batch's rows cost a few large operations, not N small ones. The
+    exponentials go `_ROWS` rows at a time through one scratch block that stays in cache (the
+    same operations on each row, so the same floats, as one row alone)."""
+    top = logits.max(axis=-1)
+    log_sum = np.empty(len(logits))
+    e = np.empty((min(len(logits), _ROWS), logits.shape[-1]), dtype=np.float32)
+    for lo in range(0, len(logits), _ROWS):
+        block = np.subtract(logits[lo:lo + _ROWS], top[lo:lo + _ROWS, None], out=e[:len(logits[lo:lo + _ROWS])])
+        np.exp(block, out=block)
+        log_sum[lo:lo + len(block)] = block.sum(axis=-1, dtype=np.float64)
+    return top, np.log(log_sum)
+
+
+_ROWS = 16  # rows of logits per block: [16, 50257] float32 is 3 MB
 
 
 def logprob(logits, norm: tuple) -> np.ndarray:
@@ -169,17 +178,39 @@ def _top(z: np.ndarray, m: int) -> np.ndarray:
 
 def top_ids(logits: np.ndarray, k: int) -> np.ndarray:
     """The ids of each row's k largest logits [N, k], largest first, ties by lower id (the order
-    `top_logprobs` uses): one partition over all rows, a row with ties at the cut done alone."""
-    k = min(k, logits.shape[1])
-    part = np.argpartition(logits, logits.shape[1] - k, axis=1)[:, -k:]
-    chosen = np.take_along_axis(logits, part, axis=1)
-    cut = chosen.min(axis=1)
-    ties = np.count_nonzero(logits >= cut[:, None], axis=1) > k
+    `top_logprobs` uses), for all rows at once; a row with ties at the cut is done alone.
+
+    The vocabulary is split into m interleaved groups of `_GROUP` ids (g, g + m, g + 2m, ...:
+    their maxima are one fast reduction). Only the k groups with the largest maxima can hold a row's k
+    largest logits (any other group's maximum is below k larger ones), so the partition runs over
+    those k groups' members instead of the whole vocabulary."""
+    n, V = logits.shape
+    k = min(k, V)
+    m = V // _GROUP  # groups; the last V - m·_GROUP ids are candidates always
+    if k < m // 2:
+        maxima = logits[:, :m * _GROUP].reshape(n, _GROUP, m).max(axis=1)
+        best = np.argpartition(maxima, m - k, axis=1)[:, -k:]
+        pool = (best[:, :, None] + m * np.arange(_GROUP)).reshape(n, k * _GROUP)
+        pool = np.concatenate([pool, np.broadcast_to(np.arange(m * _GROUP, V), (n, V - m * _GROUP))], axis=1)
+    else:
+        maxima, pool = None, np.broadcast_to(np.arange(V), (n, V))
+    values = np.take_along_axis(logits, pool, axis=1)
+    picked = np.argpartition(values, values.shape[1] - k, axis=1)[:, -k:]
+    part, chosen = np.take_along_axis(pool, picked, axis=1), np.take_along_axis(values, picked, axis=1)
+    cut = chosen.min(axis=1)[:, None]
+    # More than k logits >= the cut: within the pool, or in a group left out (then more than k
+    # groups reach the cut).
+    ties = np.count_nonzero(values >= cut, axis=1) > k
+    if maxima is not None:
+        ties |= np.count_nonzero(maxima >= cut, axis=1) > k
     order = np.lexsort((part, -chosen), axis=1)
     out = np.take_along_axis(part, order, axis=1)
     for i in np.flatnonzero(ties):
         out[i] = _top(logits[i], k)
     return out
+
+
+_GROUP = 64
 
 
 def choose(logits: np.ndarray, s: Sampling, rng: np.random.Generator | None) -> int:

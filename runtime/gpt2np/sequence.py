@@ -215,10 +215,10 @@ class SequenceState:
             for name, values in record.items():
                 self.record[name][:reused] = values[:reused]
 
-    def accept(self, logits: np.ndarray, norm: tuple | None = None) -> tuple[int | None, str, str]:
+    def accept(self, logits: np.ndarray | None, norm: tuple | None = None) -> tuple[int | None, str, str]:
         """Choose the next token from the logits of the last position; return it, the text it
         releases (held back while it may begin a stop string) and its own decoded text. A sequence
-        that only scores its prompt (no new tokens) finishes here instead. `norm`:
+        that only scores its prompt (no new tokens) finishes here instead (its `logits` may be None). `norm`:
         `log_normalizer(logits)`, if the caller made it (for a batch, in one pass)."""
         r, opts = self.result, self.options
         now = time.perf_counter()

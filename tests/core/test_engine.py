@@ -81,6 +81,84 @@ def test_prefill_chunk_is_shared_by_every_prompt_being_read(model, positions_per
         assert s.result.ids == model.complete(list(range(100, 100 + n)), 2, stop_at_eos=False).ids
 
 
+def test_max_batched_tokens_bounds_every_pass_and_decoding_comes_first(model, positions_per_pass):
+    seen = positions_per_pass
+    engine = model.engine(max_batched_tokens=6)
+    a = engine.add(list(range(100, 104)), Options(n_tokens=12, stop_at_eos=False))
+    engine.step()  # a lone 4-token prompt fits: read whole
+    b = engine.add(list(range(200, 215)), Options(n_tokens=3, stop_at_eos=False))
+    c = engine.add(list(range(300, 303)), Options(n_tokens=2, stop_at_eos=False))
+    engine.run()
+    assert seen[0] == [4]
+    # a decodes (one position); the prompts share the other 5 in order of arrival, then decode too.
+    assert seen[1:5] == [[1, 5], [1, 5], [1, 5], [1, 1, 3]]
+    assert all(sum(p) <= 6 for p in seen)
+    for s, ids, n in ((a, range(100, 104), 12), (b, range(200, 215), 3), (c, range(300, 303), 2)):
+        assert s.result.ids == model.complete(list(ids), n, stop_at_eos=False).ids
+
+
+class FakeClock:
+    """A step's time as a cost model: `decode` seconds plus `per_token` per prompt token read."""
+
+    def __init__(self, decode=0.020, per_token=0.002):
+        self.now, self.decode, self.per_token = 0.0, decode, per_token
+
+    def perf_counter(self):
+        return self.now
+
+
+def test_prefill_stall_reads_a_lone_prompt_whole_and_paces_one_that_joins(model, positions_per_pass, monkeypatch):
+    seen, clock = positions_per_pass, FakeClock()
+    real_spy = gpt2np.engine.transformer
+
+    def timed(params, config, batch, all_positions=False):
+        # the pass the pacer times: decoding rows cost `decode`, each prompt row `per_token` more
+        clock.now += clock.decode + clock.per_token * sum(len(ids) for ids, _ in batch if len(ids) > 1)
+        return real_spy(params, config, batch, all_positions)
+
+    monkeypatch.setattr(gpt2np.engine, "transformer", timed)
+    monkeypatch.setattr(gpt2np.engine, "time", clock)
+    engine = model.engine(max_batched_tokens=2048, prefill_stall=2.5)
+    lone = engine.add(list(range(1000, 1050)), Options(n_tokens=62, stop_at_eos=False))
+    engine.step()
+    assert seen == [[50]]  # nothing decodes: the whole prompt in one pass
+    for _ in range(5):
+        engine.step()  # decoding alone: the pacer learns a decode step's time
+    joining = engine.add(list(range(2000, 2058)), Options(n_tokens=1, stop_at_eos=False))
+    while not joining.done:
+        engine.step()
+    chunks = [p[1] for p in seen[6:]]
+    # The first chunk is the pacer's start (16); then it knows that a token adds 2 ms to a 20 ms
+    # step and reads (2.5 - 1) x 20 / 2 = 15 tokens per step: each such step takes 2.5 decode steps.
+    assert chunks == [16, 15, 15, 12] and sum(chunks) == 58
+    assert lone.result.ids[:10] == model.complete(list(range(1000, 1050)), 10, stop_at_eos=False).ids
+    assert joining.result.ids == model.complete(list(range(2000, 2058)), 1, stop_at_eos=False).ids
+
+
+def test_prefill_pacer():
+    from gpt2np.engine import PrefillPacer
+
+    p = PrefillPacer(3.0)
+    assert p.chunk() == PrefillPacer.START  # nothing measured yet
+    p.observe(4, 0, 0.050)  # decoding only: 50 ms
+    assert p.chunk() == PrefillPacer.START
+    p.observe(4, 16, 0.050 + 16 * 0.001)  # 16 prompt tokens added 1 ms each
+    assert p.chunk() == 32  # would fit (3 - 1) x 50 / 1 = 100, but grows at most 2x a step
+    p.observe(4, 32, 0.050 + 32 * 0.001)
+    assert p.chunk() == 64
+    p.observe(4, 64, 0.050 + 64 * 0.001)
+    assert p.chunk() == 100
+    p.observe(4, 100, 0.050 + 100 * 0.010)  # tokens got 10x dearer (say, a long context)
+    assert p.chunk() == int(2 * 0.050 / (0.001 + 0.25 * 0.009))  # the average moves a quarter of the way
+    for _ in range(40):
+        p.observe(4, 5, 0.050 + 5 * 0.5)
+    assert p.chunk() == PrefillPacer.MIN  # never below MIN: a prompt always moves
+    p.observe(0, 500, 0.5)  # a step with no decoding says nothing about how prompt tokens slow decoding
+    assert p.chunk() == PrefillPacer.MIN
+    with pytest.raises(ValueError):
+        PrefillPacer(1.0)
+
+
 def test_new_sequences_join_between_steps_and_finished_ones_leave(model):
     engine = model.engine(max_batch=2)
     a = engine.add(model.encode("a"), Options(n_tokens=2, stop_at_eos=False))

@@ -5,7 +5,7 @@ import pytest
 
 from gpt2np import GPT2Error, Sampling
 from gpt2np.sampling import (allowed, candidates, choose, log_normalizer, log_normalizers, log_softmax, logprob,
-                             token_logprob, top_logprobs)
+                             token_logprob, top_ids, top_logprobs)
 
 
 def softmax64(z):
@@ -180,6 +180,28 @@ def test_log_normalizers_of_a_batch_equal_each_row(logits):
         assert (top, log_sum) == log_normalizer(row)
         lp = log_softmax(row)
         assert float(row[3] - top - log_sum) == pytest.approx(lp[3], rel=1e-6, abs=1e-6)
+
+
+def test_log_normalizers_of_many_rows_equal_each_row():
+    rows = np.random.default_rng(2).standard_normal((37, 50257)).astype(np.float32) * 4  # several blocks
+    tops, log_sums = log_normalizers(rows)
+    assert all((t, s) == log_normalizer(r) for r, t, s in zip(rows, tops, log_sums))
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 20, 100, 392, 393, 5000])
+def test_top_ids_equal_a_full_sort_ties_included(k):
+    rng = np.random.default_rng(k)
+    rows = rng.standard_normal((24, 50257)).astype(np.float32)
+    rows[1] = 0  # every logit tied
+    rows[2, 100:200] = 5  # ties in one group's neighbourhood
+    rows[3, ::785] = 9  # ties spread over every group, all in one interleaved group
+    rows[4, 50200:] = 30  # the largest in the ids past the last whole group
+    rows[5] = np.round(rows[5] * 2)  # many ties at every cut
+    rows[6, [7, 7 + 785]] = 50  # two maxima in one group
+    expected = [np.lexsort((np.arange(len(r)), -r))[:k] for r in rows.astype(np.float64)]
+    np.testing.assert_array_equal(top_ids(rows, k), np.stack(expected))
+    small = rng.standard_normal((3, 50)).astype(np.float32)
+    np.testing.assert_array_equal(top_ids(small, k), np.stack([np.lexsort((np.arange(50), -r))[:k] for r in small]))
 
 
 @pytest.mark.parametrize("temperature", [1e-46, 1e-40, 1e-6, 1e8, 1e39])
