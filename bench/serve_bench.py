@@ -6,7 +6,7 @@ Starts a real `gpt-serve` on a random-weight 124M model, then:
 - 1, 4, 8 and 16 concurrent streaming clients, each sending a bounded number of requests:
   aggregate tokens/s, time to first token and inter-token latency (p50, p99), errors;
 - a 1000-token prompt joining 4 running streams: their inter-token latency p50 and p99 while
-  it is read in chunks (`--prefill-chunk`), and its own time to first token.
+  it is read in chunks (sized by `--prefill-stall`), and its own time to first token.
 
 Ratios in one run are what to compare; absolute times drift on shared machines.
 
@@ -138,7 +138,7 @@ def report(res: dict) -> str:
     one = rows[1]["tokens_per_s"]
     lines = [
         "# gpt-serve under load (124M, random weights)", "",
-        f"{res['machine']}. Server: `gpt-serve --max-batch {res['max_batch']} --prefill-chunk {res['prefill_chunk']}`; "
+        f"{res['machine']}. Server: `gpt-serve {res['server_args']}`; "
         f"clients stream greedy requests of {res['max_tokens']} tokens ({res['requests']} per client, one after "
         "another) over loopback. Ratios in one run are what to compare.", "",
         "| concurrent clients | aggregate tokens/s | vs 1 client | time to first token p50 / p99 | "
@@ -169,20 +169,19 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=3, help="requests per client")
     ap.add_argument("--clients", default="1,4,8,16")
     ap.add_argument("--max-batch", type=int, default=16)
-    ap.add_argument("--prefill-chunk", type=int, default=None, help="default: gpt-serve's")
+    ap.add_argument("--server-args", default="", help="more gpt-serve flags, e.g. '--prefill-chunk 32'")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--model-cache", type=Path, default=ROOT / "bench" / ".models")
     a = ap.parse_args()
-    from gpt2np.serve.cli import DEFAULT_PREFILL_CHUNK
-
-    chunk = a.prefill_chunk or DEFAULT_PREFILL_CHUNK
+    server_args = ["--max-batch", str(a.max_batch), *a.server_args.split()]
     folder = make_model(a.model_cache / "124M", "124M")
     model = gpt2np.load(folder)
     blas = blas_info()
     res = {"machine": f"{cpu_name()}, {blas['library']} ({blas['kernel']}), {blas['threads']} BLAS threads",
-           "max_tokens": a.tokens, "requests": a.requests, "max_batch": a.max_batch, "prefill_chunk": chunk}
+           "max_tokens": a.tokens, "requests": a.requests, "max_batch": a.max_batch,
+           "server_args": " ".join(server_args)}
     before = in_process(model, a.tokens)
-    server = Server(folder, "--max-batch", str(a.max_batch), "--prefill-chunk", str(chunk), "--max-queue", "256")
+    server = Server(folder, *server_args, "--max-queue", "256")
     try:
         asyncio.run(load(server, 1, 1, 8))  # warm-up: the first pass touches every page of the weights
         res["load"] = []

@@ -471,6 +471,43 @@ def test_max_stop_strings_is_configurable(small_model_dir, model):
     assert bad.returncode == 2 and b"--max-stop-strings" in bad.stderr
 
 
+def test_connections_send_without_nagles_delay():
+    """Every accepted connection has TCP_NODELAY, as asyncio means to set it: without it a
+    response's last small write waited for the client's delayed ACK (40 ms a request)."""
+    import socket
+
+    from gpt2np.serve.cli import _listen
+
+    listener = _listen("127.0.0.1", 0)
+    try:
+        client = socket.create_connection(listener.getsockname())
+        conn, _ = listener.accept()
+        assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        assert conn.proto == socket.IPPROTO_TCP  # what asyncio's own _set_nodelay checks
+        conn.close()
+        client.close()
+    finally:
+        listener.close()
+
+
+def test_step_budget_flags(small_model_dir, model):
+    """A small --max-num-batched-tokens: long prompts are read a few positions per step beside
+    the decoding ones, and every answer is what the model gives alone. Bad budgets are one-line errors."""
+    prompts = [list(range(100 + 7 * i, 140 + 7 * i)) for i in range(4)]
+    with ServerProcess(small_model_dir, "--model-name", MODEL, "--max-batch", "4", "--max-num-batched-tokens", "6",
+                       "--prefill-stall", "1.5") as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda p: complete(c, prompt=p, max_tokens=6, temperature=0,
+                                                   extra_body={"ignore_eos": True}).choices[0].text, prompts))
+        assert got == [model.complete(p, 6, stop_at_eos=False).text for p in prompts]
+    bad = run_cli("gpt-serve", str(small_model_dir), "--max-batch", "8", "--max-num-batched-tokens", "4")
+    err = bad.stderr.decode()
+    assert bad.returncode == 1 and err.count("\n") == 1 and "--max-num-batched-tokens (4) must be at least" in err
+    bad = run_cli("gpt-serve", str(small_model_dir), "--prefill-stall", "1")
+    assert bad.returncode == 2 and b"--prefill-stall" in bad.stderr
+
+
 @pytest.fixture(scope="module")
 def big_server(model_124M_dir):
     with ServerProcess(model_124M_dir, "--max-batch", "2", "--max-queue", "1", "--grace-period", "60") as s:

@@ -15,7 +15,8 @@ import click
 from ..cli.common import run_command
 from ..errors import GPT2Error, missing_extra
 
-DEFAULT_PREFILL_CHUNK = 32
+DEFAULT_BATCHED_TOKENS = 2048  # vLLM's default for --max-num-batched-tokens: a lone prompt is read whole
+DEFAULT_STALL = 2.5  # a step that reads prompt tokens takes at most this many decode steps
 DEFAULT_CACHE_POSITIONS = 4096  # the prefix cache holds this many positions by default
 
 
@@ -32,8 +33,14 @@ DEFAULT_CACHE_POSITIONS = 4096  # the prefix cache holds this many positions by 
               help="The most sequences decoded together in one forward pass.")
 @click.option("--max-queue", default=64, show_default=True, type=click.IntRange(min=0),
               help="The most sequences waiting for a place in the batch; beyond it requests get 429.")
-@click.option("--prefill-chunk", default=DEFAULT_PREFILL_CHUNK, show_default=True, type=click.IntRange(min=1),
-              help="The most prompt tokens read per step, so that running streams keep moving.")
+@click.option("--max-num-batched-tokens", "max_batched_tokens", default=DEFAULT_BATCHED_TOKENS, show_default=True,
+              type=click.IntRange(min=1), help="The most positions in one forward pass: each decoding sequence "
+              "takes one, prompts being read share the rest (at least --max-batch).")
+@click.option("--prefill-stall", default=DEFAULT_STALL, show_default=True, type=click.FloatRange(min=1, min_open=True),
+              help="While streams decode, a prompt is read in chunks sized (from measured step times) so that "
+                   "a step reading one takes at most this many times a step that only decodes.")
+@click.option("--prefill-chunk", default=None, type=click.IntRange(min=1),
+              help="A fixed limit on prompt tokens read per step [default: none].")
 @click.option("--prefix-cache-mb", default=None, type=click.FloatRange(min=0),
               help="Memory for the prefix cache, which reuses computed prompt prefixes (and their "
                    "log-probabilities) across requests; 0 turns it off [default: 4096 positions' worth].")
@@ -44,8 +51,8 @@ DEFAULT_CACHE_POSITIONS = 4096  # the prefix cache holds this many positions by 
               help="On SIGTERM or Ctrl-C: seconds to let running requests finish before cancelling them.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]), help="How much to log on stderr.")
-def serve(model_dir, host, port, model_name, api_key, max_batch, max_queue, prefill_chunk, prefix_cache_mb,
-          max_stop_strings, grace_period, log_level):
+def serve(model_dir, host, port, model_name, api_key, max_batch, max_queue, max_batched_tokens, prefill_stall,
+          prefill_chunk, prefix_cache_mb, max_stop_strings, grace_period, log_level):
     """Serve the GPT-2 model in MODEL_DIR over HTTP with OpenAI's completions API.
 
     \b
@@ -56,6 +63,8 @@ def serve(model_dir, host, port, model_name, api_key, max_batch, max_queue, pref
     finished ones leave at once. On SIGTERM or Ctrl-C the server answers new requests with
     503, lets running ones finish (up to --grace-period seconds), and exits 0.
     """
+    if max_batched_tokens < max_batch:
+        raise GPT2Error(f"--max-num-batched-tokens ({max_batched_tokens}) must be at least --max-batch ({max_batch})")
     try:
         import uvicorn
 
@@ -73,7 +82,8 @@ def serve(model_dir, host, port, model_name, api_key, max_batch, max_queue, pref
     metrics = Metrics()
     if prefix_cache_mb is None:
         prefix_cache_mb = DEFAULT_CACHE_POSITIONS * PrefixCache.bytes_per_position(model.config) / 2**20
-    engine = model.engine(max_batch=max_batch, prefill_chunk=prefill_chunk, prefix_cache=prefix_cache_mb)
+    engine = model.engine(max_batch=max_batch, prefill_chunk=prefill_chunk, prefix_cache=prefix_cache_mb,
+                          max_batched_tokens=max_batched_tokens, prefill_stall=prefill_stall)
     worker = EngineWorker(engine, max_queue, metrics)
     state = ServerState(model=model, model_name=name, worker=worker, metrics=metrics, api_key=api_key or None,
                         max_stop=MAX_STOP if max_stop_strings is None else max_stop_strings)
@@ -94,7 +104,11 @@ def _listen(host: str, port: int) -> socket.socket:
     address is one clear error."""
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP named, and TCP_NODELAY set here (connections inherit it): asyncio sets
+        # TCP_NODELAY only on sockets whose proto says TCP, and without it each response's last
+        # small write waited for the client's delayed ACK, 40 ms on Linux.
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         sock.listen(2048)
