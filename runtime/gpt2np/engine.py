@@ -30,7 +30,7 @@ import numpy as np
 from .config import GPT2Config
 from .model import Params, lm_head, transformer
 from .options import Options
-from .prefix_cache import BLOCK, Block, PrefixCache, Stats, block_keys
+from .prefix_cache import BLOCK, Block, PrefixCache, Stats, block_key, block_keys, root_key
 from .sampling import log_normalizers
 from .sequence import SequenceState
 from .tokenizer import Tokenizer
@@ -327,8 +327,9 @@ class Engine:
         return s.keys
 
     def _admit(self, s: SequenceState) -> None:
-        """Give `s` its place and cache; reuse what the prefix cache holds of its prompt (all but
-        the last position of its cached blocks)."""
+        """Give `s` its place and cache; reuse what the prefix cache holds of its prompt: its
+        cached full blocks, then the longest common start of a cached block after them, all but
+        the last of those positions."""
         s.admit()
         if not self._cacheable(s):
             return
@@ -338,33 +339,47 @@ class Engine:
             s.start_record()
         blocks = cache.lookup(s.keys, need_stats=s.scoring)
         s.cached_blocks = len(blocks)
+        start = len(blocks) * BLOCK
+        parent = blocks[-1].key if blocks else root_key(s.salt)
+        partial, n = cache.partial(parent, np.asarray(prompt[start:start + BLOCK], np.int64), s.scoring, not blocks)
         cache.queries += len(prompt)
-        reused = len(blocks) * BLOCK - 1 if blocks else 0
-        if reused > 0:
-            for k, b in enumerate(blocks):
-                s.cache.kT[..., k * BLOCK:(k + 1) * BLOCK] = b.kT
-                s.cache.v[:, :, k * BLOCK:(k + 1) * BLOCK] = b.v
-            s.cache.length = reused
-            s.pending = s.pending[reused:]
-            s.result.cached_tokens = reused
-            cache.hits += reused
-            if s.scoring:
-                s.take_cached(_record(blocks), reused)
         for key in s.keys[len(blocks):]:
             self._inflight.setdefault(key, s)
+        reused = start + n - 1 if start + n else 0
+        if reused <= 0:
+            return
+        pieces = [(b, BLOCK) for b in blocks] + ([(partial, n)] if n else [])
+        at = 0
+        for b, m in pieces:
+            s.cache.kT[..., at:at + m] = b.kT[..., :m]
+            s.cache.v[:, :, at:at + m] = b.v[:, :, :m]
+            at += m
+        s.cache.length = reused
+        s.pending = s.pending[reused:]
+        s.result.cached_tokens = reused
+        cache.hits += reused
+        if s.scoring:
+            s.take_cached(_record(pieces), reused)
 
     def _cache_prompt(self, s: SequenceState) -> None:
-        """Keep the blocks of `s`'s prompt that the cache lacks, now that every position is computed."""
-        prompt, rec = s.result.prompt_ids, s.record
-        for k in range(s.cached_blocks, len(s.keys)):
-            a, b = k * BLOCK, (k + 1) * BLOCK
+        """Keep the blocks of `s`'s prompt that the cache lacks, now that every position is
+        computed, and its last, partial block."""
+        prompt, rec, keys = s.result.prompt_ids, s.record, s.keys
+        ids = np.asarray(prompt, np.int64)
+        for k in range(s.cached_blocks, len(keys) + (len(prompt) % BLOCK > 0)):
+            a, b = k * BLOCK, min((k + 1) * BLOCK, len(prompt))
+            parent = keys[k - 1] if k else root_key(s.salt)
             stats = entry = None
-            if rec is not None and b <= len(prompt) - 1 and rec["scored"][a:b].all() and (k == 0 or rec["scored"][a - 1]):
+            # Stats need every position of the block scored (but a partial block's last: no one
+            # reuses that one), and, after the first block, the logit leading into it.
+            last = b if b - a == BLOCK else b - 1
+            if rec is not None and last <= len(prompt) - 1 and rec["scored"][a:last].all() and (k == 0 or rec["scored"][a - 1]):
                 stats = Stats(*(rec[name][a:b].copy() for name in ("top", "log_sum", "top_ids", "top_logits",
                                                                      "next_logit")))
                 entry = float(rec["next_logit"][a - 1]) if k else None
-            self.prefix_cache.insert(Block(s.keys[k], s.cache.kT[..., a:b].copy(), s.cache.v[:, :, a:b].copy(),
-                                           entry, stats))
+            key = keys[k] if k < len(keys) else block_key(parent, ids[a:b])
+            self.prefix_cache.insert(Block(key, s.cache.kT[..., a:b].copy(), s.cache.v[:, :, a:b].copy(),
+                                           entry, stats, parent, ids[a:b]))
         self._drop_inflight(s)
         s.record = None
 
@@ -395,11 +410,15 @@ def _guarded(s: SequenceState, events: list[Event], what: str, f, *args) -> tupl
 
 
 
-def _record(blocks: list[Block]) -> dict[str, np.ndarray]:
-    """The scoring of the positions of cached blocks, as arrays over them (`SequenceState.record`)."""
-    out = {name: np.concatenate([getattr(b.stats, name) for b in blocks])
-           for name in ("top", "log_sum", "top_ids", "top_logits", "next_logit")}
-    for k in range(1, len(blocks)):  # the logit that leads into each block is kept with that block
-        out["next_logit"][k * BLOCK - 1] = blocks[k].entry_logit
-    out["scored"] = np.ones(len(blocks) * BLOCK, bool)
+def _record(pieces: list[tuple[Block, int]]) -> dict[str, np.ndarray]:
+    """The scoring of the reused positions, as arrays over them (`SequenceState.record`): the
+    first m positions of each block (`pieces`)."""
+    names = ("top", "log_sum", "top_ids", "top_logits", "next_logit")
+    out = {name: np.concatenate([getattr(b.stats, name)[:m] for b, m in pieces]) for name in names}
+    at = 0
+    for b, m in pieces:  # the logit that leads into each block is kept with that block
+        if at:
+            out["next_logit"][at - 1] = b.entry_logit
+        at += m
+    out["scored"] = np.ones(at, bool)
     return out

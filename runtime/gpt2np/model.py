@@ -92,16 +92,27 @@ def layer_norm(x: np.ndarray, p: LayerNorm, eps: float) -> np.ndarray:  # [N, E]
 
 
 def matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [N, in] @ [in, out] -> new [N, out]
-    """x @ w for activations x [N, in]. From 2 to 127 rows, the rows are padded with zeros to a
-    multiple of 8 (and the pad dropped after): OpenBLAS's sgemm runs such products fastest in
-    multiples of 8 (measured by `make bench`: 6 rows took 1.6x as long as 8, 14 rows 1.4x as long as 16)."""
+    """x @ w for activations x [N, in], in the form OpenBLAS runs fastest for N rows.
+
+    sgemm packs the whole weight matrix on every call, which for a few rows costs more than the
+    product itself (on a SkylakeX-kernel machine, the 48 matrices of 124M took 13.7 ms at 1 row and
+    41.7 at 2; `make bench` measures the forms side by side). So: one row is a gemv; 2-3 rows
+    are a gemv each (22 and 28 ms); up to `_SMALL` rows, the product is taken as (wᵀ·xᵀ)ᵀ, where
+    sgemm packs the few rows instead (31 ms at 2 rows, 35 at 8, 49 at 32); beyond, x @ w.
+    """
     n = x.shape[0]
-    pad = -n % 8
-    if n == 1 or pad == 0 or n >= 128:
+    if n == 1 or n > _SMALL:
         return x @ w
-    padded = np.zeros((n + pad, x.shape[1]), dtype=np.float32)
-    padded[:n] = x
-    return (padded @ w)[:n]
+    if n <= _GEMV_ROWS:
+        out = np.empty((n, w.shape[1]), dtype=np.float32)
+        for i in range(n):
+            np.matmul(x[i], w, out=out[i])
+        return out
+    return (w.T @ x.T).T
+
+
+_GEMV_ROWS = 3
+_SMALL = 128
 
 
 def linear(x: np.ndarray, p: Linear) -> np.ndarray:  # [N, in] -> new [N, out]: x @ w + b

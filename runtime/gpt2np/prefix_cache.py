@@ -9,6 +9,11 @@ takes to answer prompt log-probabilities from the cache: each position's log-nor
 `TOP` most likely tokens with their logits, and the logit of the token that follows it. Cached
 and computed positions so give the same floats (the same logits through the same expression).
 
+A prompt's last, partial block is kept too, and a prompt whose next block is not cached reuses
+the longest common start of any cached block that follows the same parent (a partial or a full
+one): the 4 choices of a multiple-choice item share their context up to its last token, not only
+up to its last full block. (vLLM reuses full blocks only.)
+
 A sequence reuses all its cached positions but the last one, which it computes again: that
 position's logits are what its first new position (or generated token) needs, and computing them
 keeps every logit a cache hit reports one that a forward pass produced. Blocks are copied into the
@@ -45,10 +50,12 @@ class Stats:
 @dataclass
 class Block:
     key: bytes
-    kT: np.ndarray  # [n_layer, H, D, BLOCK]
-    v: np.ndarray  # [n_layer, H, BLOCK, D]
+    kT: np.ndarray  # [n_layer, H, D, n]: n = BLOCK, or fewer for a prompt's last, partial block
+    v: np.ndarray  # [n_layer, H, n, D]
     entry_logit: float | None  # the logit, at the previous position, of this block's first token (None: unknown)
-    stats: Stats | None
+    stats: Stats | None  # for a partial block, its last position's may be missing (it is never reused)
+    parent: bytes = b""  # the key of the block before it (for the first block: the salt's root)
+    ids: np.ndarray | None = None  # its tokens (int64)
 
     @property
     def nbytes(self) -> int:
@@ -58,12 +65,23 @@ class Block:
         return n
 
 
+def root_key(salt: str | None) -> bytes:
+    """The parent key of a prompt's first block."""
+    return (salt or "").encode("utf-8")
+
+
+def block_key(parent: bytes, ids: np.ndarray) -> bytes:
+    """A block's key: its parent's key and its ids (int64), hashed; a partial block's differs
+    from every full block's, as its ids are fewer."""
+    return hashlib.blake2b(parent + ids.tobytes(), digest_size=16).digest()
+
+
 def block_keys(ids, salt: str | None) -> list[bytes]:
     """The key of each full block of `ids`: each hashes its parent's key, its ids and the salt."""
-    keys, parent = [], (salt or "").encode("utf-8")
+    keys, parent = [], root_key(salt)
     arr = np.asarray(ids, dtype=np.int64)
     for start in range(0, len(arr) - BLOCK + 1, BLOCK):
-        parent = hashlib.blake2b(parent + arr[start:start + BLOCK].tobytes(), digest_size=16).digest()
+        parent = block_key(parent, arr[start:start + BLOCK])
         keys.append(parent)
     return keys
 
@@ -76,6 +94,7 @@ class PrefixCache:
     def __init__(self, config: GPT2Config, budget_bytes: int):
         self.config, self.budget = config, int(budget_bytes)
         self.blocks: collections.OrderedDict[bytes, Block] = collections.OrderedDict()
+        self.children: dict[bytes, set[bytes]] = {}  # parent key -> keys of the cached blocks after it
         self.bytes = 0
         self.queries = self.hits = 0
 
@@ -90,27 +109,55 @@ class PrefixCache:
         found = []
         for key in keys:
             block = self.blocks.get(key)
-            if block is None or need_stats and (block.stats is None or (found and block.entry_logit is None)):
+            if block is None or need_stats and not _answers(block, found):
                 break
             self.blocks.move_to_end(key)
             found.append(block)
         return found
 
+    def partial(self, parent: bytes, ids: np.ndarray, need_stats: bool, first: bool) -> tuple[Block | None, int]:
+        """Of the cached blocks after `parent`, the one whose ids begin with the longest run of
+        `ids` (the next ids of a prompt whose next full block is not cached), and that run's length."""
+        best, n = None, 0
+        for key in self.children.get(parent, ()):
+            block = self.blocks[key]
+            m = min(len(block.ids), len(ids))
+            common = int(np.argmin(np.append(block.ids[:m] == ids[:m], False)))
+            if common > n and (not need_stats or _answers(block, [] if first else [None])):
+                best, n = block, common
+        if best is not None:
+            self.blocks.move_to_end(best.key)
+        return best, n
+
     def insert(self, block: Block) -> None:
         """Keep `block` (replacing one with its key, which it may know more than), evicting the
         least recently used blocks to stay within the budget."""
-        old = self.blocks.pop(block.key, None)
-        if old is not None:
-            self.bytes -= old.nbytes
-            if block.stats is None and old.stats is not None:  # keep what the older one knew
-                block.stats, block.entry_logit = old.stats, old.entry_logit
+        old = self._remove(block.key)
+        if old is not None and block.stats is None and old.stats is not None:  # keep what the older one knew
+            block.stats, block.entry_logit = old.stats, old.entry_logit
         if block.nbytes > self.budget:
             return
         while self.bytes + block.nbytes > self.budget:
-            _, gone = self.blocks.popitem(last=False)
-            self.bytes -= gone.nbytes
+            self._remove(next(iter(self.blocks)))
         self.blocks[block.key] = block
+        self.children.setdefault(block.parent, set()).add(block.key)
         self.bytes += block.nbytes
+
+    def _remove(self, key: bytes) -> Block | None:
+        block = self.blocks.pop(key, None)
+        if block is not None:
+            self.bytes -= block.nbytes
+            siblings = self.children[block.parent]
+            siblings.discard(key)
+            if not siblings:
+                del self.children[block.parent]
+        return block
 
     def __contains__(self, key: bytes) -> bool:
         return key in self.blocks
+
+
+def _answers(block: Block, before: list) -> bool:
+    """Whether `block` can answer prompt log-probabilities after the blocks `before` it (after
+    another block, the logit leading into it must be known too)."""
+    return block.stats is not None and (not before or block.entry_logit is not None)

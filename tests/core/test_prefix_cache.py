@@ -41,7 +41,9 @@ def test_cached_positions_give_what_computed_ones_give(model):
     for round in range(2):  # the second round reads every prompt's context from the warm cache
         warm, _ = run(model, prompts, scoring, cache)
         cached = [r.cached_tokens for r in warm]
-        assert cached == [0, 31, 31, 31] if round == 0 else min(cached) >= 31  # two blocks of the context
+        # The whole context but its last position: two full blocks and 13 positions of the
+        # first prompt's third block, its partial last one.
+        assert cached == [0, 44, 44, 44] if round == 0 else min(cached) >= 44
         for a, b in zip(cold, warm):
             assert len(a.prompt_logprobs) == len(b.prompt_logprobs) == len(a.prompt_ids)
             np.testing.assert_allclose(a.prompt_logprobs[1:], b.prompt_logprobs[1:], rtol=0, atol=1e-5)
@@ -61,7 +63,7 @@ def test_a_tokens_value_is_its_top_entry_on_cached_positions(model):
         (r,), _ = run(model, [ctx + own], Options(n_tokens=0, prompt_logprobs=1), cache)
         greedy = [(lp, top) for t, lp, top in zip(r.prompt_ids[21:], r.prompt_logprobs[21:], r.prompt_top_logprobs[21:])]
         assert all(top[t] == lp for (lp, top), t in zip(greedy, own[1:]))
-    assert r.cached_tokens == 3 * BLOCK - 1
+    assert r.cached_tokens == len(ctx + own) - 1  # three full blocks and the partial last one, all but its last position
 
 
 def test_generation_is_the_same_with_the_cache(model):
@@ -87,20 +89,25 @@ def test_sequences_admitted_together_compute_a_shared_prefix_once(model, monkeyp
                         or real(p, c, batch, **kw))
     prompts = multiple_choice(np.random.default_rng(3))
     results, e = run(model, prompts, Options(n_tokens=0, prompt_logprobs=1), model.prefix_cache(64))
-    assert [r.cached_tokens for r in results] == [0, 31, 31, 31]
-    assert sum(rows) == sum(map(len, prompts)) - 3 * 31
-    # n samples of one prompt read it once as well
+    assert [r.cached_tokens for r in results] == [0, 44, 44, 44]  # the 45-token context but its last position
+    assert sum(rows) == sum(map(len, prompts)) - 3 * 44
+    # The context ends inside the first prompt's last full block: the others reuse its start.
     rows.clear()
+    prompts = multiple_choice(np.random.default_rng(3), context=40, choices=(9, 9, 12))
+    results, e = run(model, prompts, Options(n_tokens=0, prompt_logprobs=1), model.prefix_cache(64))
+    assert [r.cached_tokens for r in results] == [0, 39, 39]
+    assert sum(rows) == sum(map(len, prompts)) - 2 * 39
+    # n samples of one prompt read it once as well
     same = [prompts[0]] * 3
     results, e = run(model, same, Options(n_tokens=2, temperature=1.0, seed=1), model.prefix_cache(64))
-    assert [r.cached_tokens for r in results] == [0, 31, 31]
+    assert [r.cached_tokens for r in results] == [0, 48, 48]
 
 
 def test_different_salts_never_share(model):
     prompts = multiple_choice(np.random.default_rng(4))
     cache = model.prefix_cache(64)
     results, _ = run(model, prompts, Options(n_tokens=1), cache, salts=["a", "b", "a", None])
-    assert [r.cached_tokens for r in results] == [0, 0, 31, 0]
+    assert [r.cached_tokens for r in results] == [0, 0, 44, 0]
 
 
 def test_the_byte_budget_holds_and_the_least_recent_goes_first(model):
@@ -109,10 +116,12 @@ def test_the_byte_budget_holds_and_the_least_recent_goes_first(model):
     rng = np.random.default_rng(5)
     first = ids(rng, 3 * BLOCK + 1)
     run(model, [first], Options(n_tokens=1), cache)
-    assert len(cache.blocks) == 3
+    assert [len(b.ids) for b in cache.blocks.values()] == [BLOCK, BLOCK, BLOCK, 1]  # and the partial last block
     for _ in range(4):
         run(model, [ids(rng, 2 * BLOCK + 1)], Options(n_tokens=1), cache)
-        assert cache.bytes <= cache.budget and len(cache.blocks) <= 5
+        assert cache.bytes <= cache.budget and sum(len(b.ids) == BLOCK for b in cache.blocks.values()) <= 5
+        assert cache.bytes == sum(b.nbytes for b in cache.blocks.values())
+        assert sorted(k for ks in cache.children.values() for k in ks) == sorted(cache.blocks)
     (again,), _ = run(model, [first], Options(n_tokens=1), cache)
     assert again.cached_tokens == 0  # evicted: its blocks were the least recently used
 
