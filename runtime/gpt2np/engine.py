@@ -30,7 +30,7 @@ import numpy as np
 from .config import GPT2Config
 from .model import Params, lm_head, transformer
 from .options import Options
-from .prefix_cache import BLOCK, Block, PrefixCache, Stats, block_key, block_keys, root_key
+from .prefix_cache import BLOCK, Block, PrefixCache, Segment, Stats, block_key, block_keys, root_key
 from .sampling import log_normalizers
 from .sequence import SequenceState
 from .tokenizer import Tokenizer
@@ -350,9 +350,9 @@ class Engine:
             return
         pieces = [(b, BLOCK) for b in blocks] + ([(partial, n)] if n else [])
         at = 0
-        for b, m in pieces:
-            s.cache.kT[..., at:at + m] = b.kT[..., :m]
-            s.cache.v[:, :, at:at + m] = b.v[:, :, :m]
+        for seg, offset, m in _runs(pieces):  # consecutive positions of one segment: one copy
+            s.cache.kT[..., at:at + m] = seg.kT[..., offset:offset + m]
+            s.cache.v[:, :, at:at + m] = seg.v[:, :, offset:offset + m]
             at += m
         s.cache.length = reused
         s.pending = s.pending[reused:]
@@ -366,8 +366,13 @@ class Engine:
         computed, and its last, partial block."""
         prompt, rec, keys = s.result.prompt_ids, s.record, s.keys
         ids = np.asarray(prompt, np.int64)
-        for k in range(s.cached_blocks, len(keys) + (len(prompt) % BLOCK > 0)):
+        span, segment = self._segment_positions, None  # a segment may not fill the budget alone
+        for k in range(s.cached_blocks, (len(prompt) + BLOCK - 1) // BLOCK):
             a, b = k * BLOCK, min((k + 1) * BLOCK, len(prompt))
+            if segment is None or a >= first + span:
+                first = a
+                end = min(first + span, len(prompt))
+                segment = Segment(s.cache.kT[..., first:end].copy(), s.cache.v[:, :, first:end].copy())
             parent = keys[k - 1] if k else root_key(s.salt)
             stats = entry = None
             # Stats need every position of the block scored (but a partial block's last: no one
@@ -378,10 +383,15 @@ class Engine:
                                                                      "next_logit")))
                 entry = float(rec["next_logit"][a - 1]) if k else None
             key = keys[k] if k < len(keys) else block_key(parent, ids[a:b])
-            self.prefix_cache.insert(Block(key, s.cache.kT[..., a:b].copy(), s.cache.v[:, :, a:b].copy(),
-                                           entry, stats, parent, ids[a:b]))
+            self.prefix_cache.insert(Block(key, segment, a - first, b - a, entry, stats, parent, ids[a:b]))
         self._drop_inflight(s)
         s.record = None
+
+    @property
+    def _segment_positions(self) -> int:
+        """The most positions one segment holds: whole blocks, at most a quarter of the budget."""
+        per_position = self.prefix_cache.bytes_per_position(self.config)
+        return max(1, self.prefix_cache.budget // (4 * per_position * BLOCK)) * BLOCK
 
     def _drop_inflight(self, s: SequenceState) -> None:
         for key in s.keys:
@@ -408,6 +418,23 @@ def _guarded(s: SequenceState, events: list[Event], what: str, f, *args) -> tupl
         events.append(Event(s))
         return False, None
 
+
+
+def _runs(pieces: list[tuple[Block, int]]) -> Iterator[tuple[Segment, int, int]]:
+    """(segment, offset, positions) of each run of consecutive positions of one segment among
+    the first m positions of each block (`pieces`)."""
+    run = None
+    for b, m in pieces:
+        if run is not None and run[0] is b.segment and run[1] + run[2] == b.offset:
+            run[2] += m
+        else:
+            if run is not None:
+                yield tuple(run)
+            run = [b.segment, b.offset, m]
+        if m < b.size:  # a partial reuse ends the prompt's reused positions
+            break
+    if run is not None:
+        yield tuple(run)
 
 
 def _record(pieces: list[tuple[Block, int]]) -> dict[str, np.ndarray]:

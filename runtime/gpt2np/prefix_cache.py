@@ -18,7 +18,10 @@ A sequence reuses all its cached positions but the last one, which it computes a
 position's logits are what its first new position (or generated token) needs, and computing them
 keeps every logit a cache hit reports one that a forward pass produced. Blocks are copied into the
 sequence's own cache, so a block is in use only while it is copied; the least recently used go
-first when the cache is over its byte budget.
+first when the cache is over its byte budget. The blocks a sequence adds share one allocation (a
+`Segment`), so that a later prompt copies a run of them in one piece: with keys stored
+transposed, block by block would be 64-byte pieces. A segment is freed with its last block, and
+its survivors move out once it is more than half unused, so the budget counts what is allocated.
 """
 
 from __future__ import annotations
@@ -47,22 +50,40 @@ class Stats:
     next_logit: np.ndarray  # [B] at position i < B - 1, the logit of the block's token i + 1
 
 
+class Segment:
+    """Keys and values of consecutive positions of one prompt, which its blocks view."""
+
+    def __init__(self, kT: np.ndarray, v: np.ndarray):
+        self.kT, self.v = kT, v  # [n_layer, H, D, n], [n_layer, H, n, D]
+        self.blocks: set[bytes] = set()  # the keys of its blocks in the cache
+
+    @property
+    def nbytes(self) -> int:
+        return self.kT.nbytes + self.v.nbytes
+
+
 @dataclass
 class Block:
     key: bytes
-    kT: np.ndarray  # [n_layer, H, D, n]: n = BLOCK, or fewer for a prompt's last, partial block
-    v: np.ndarray  # [n_layer, H, n, D]
+    segment: Segment
+    offset: int  # its first position in the segment
+    size: int  # BLOCK, or fewer for a prompt's last, partial block
     entry_logit: float | None  # the logit, at the previous position, of this block's first token (None: unknown)
     stats: Stats | None  # for a partial block, its last position's may be missing (it is never reused)
     parent: bytes = b""  # the key of the block before it (for the first block: the salt's root)
     ids: np.ndarray | None = None  # its tokens (int64)
 
     @property
-    def nbytes(self) -> int:
-        n = self.kT.nbytes + self.v.nbytes
-        if self.stats is not None:
-            n += sum(a.nbytes for a in vars(self.stats).values())
-        return n
+    def kT(self) -> np.ndarray:
+        return self.segment.kT[..., self.offset:self.offset + self.size]
+
+    @property
+    def v(self) -> np.ndarray:
+        return self.segment.v[:, :, self.offset:self.offset + self.size]
+
+    @property
+    def stats_bytes(self) -> int:
+        return 0 if self.stats is None else sum(a.nbytes for a in vars(self.stats).values())
 
 
 def root_key(salt: str | None) -> bytes:
@@ -135,22 +156,39 @@ class PrefixCache:
         old = self._remove(block.key)
         if old is not None and block.stats is None and old.stats is not None:  # keep what the older one knew
             block.stats, block.entry_logit = old.stats, old.entry_logit
-        if block.nbytes > self.budget:
+        need = block.stats_bytes + (0 if block.segment.blocks else block.segment.nbytes)
+        if need > self.budget:
             return
-        while self.bytes + block.nbytes > self.budget:
+        while self.bytes + need > self.budget and self.blocks:
             self._remove(next(iter(self.blocks)))
+            need = block.stats_bytes + (0 if block.segment.blocks else block.segment.nbytes)
+        self.bytes += need
+        block.segment.blocks.add(block.key)
         self.blocks[block.key] = block
         self.children.setdefault(block.parent, set()).add(block.key)
-        self.bytes += block.nbytes
 
     def _remove(self, key: bytes) -> Block | None:
         block = self.blocks.pop(key, None)
-        if block is not None:
-            self.bytes -= block.nbytes
-            siblings = self.children[block.parent]
-            siblings.discard(key)
-            if not siblings:
-                del self.children[block.parent]
+        if block is None:
+            return None
+        self.bytes -= block.stats_bytes
+        siblings = self.children[block.parent]
+        siblings.discard(key)
+        if not siblings:
+            del self.children[block.parent]
+        seg = block.segment
+        seg.blocks.discard(key)
+        if not seg.blocks:
+            self.bytes -= seg.nbytes
+        elif 2 * sum(self.blocks[k].size for k in seg.blocks) <= seg.v.shape[2]:
+            self.bytes -= seg.nbytes  # more than half unused: its blocks move to their own
+            for k in list(seg.blocks):
+                b = self.blocks[k]
+                b.segment = Segment(b.kT.copy(), b.v.copy())
+                b.segment.blocks.add(k)
+                b.offset = 0
+                self.bytes += b.segment.nbytes
+            seg.blocks.clear()
         return block
 
     def __contains__(self, key: bytes) -> bool:

@@ -120,7 +120,8 @@ def test_the_byte_budget_holds_and_the_least_recent_goes_first(model):
     for _ in range(4):
         run(model, [ids(rng, 2 * BLOCK + 1)], Options(n_tokens=1), cache)
         assert cache.bytes <= cache.budget and sum(len(b.ids) == BLOCK for b in cache.blocks.values()) <= 5
-        assert cache.bytes == sum(b.nbytes for b in cache.blocks.values())
+        segments = {id(b.segment): b.segment for b in cache.blocks.values()}
+        assert cache.bytes == sum(g.nbytes for g in segments.values()) + sum(b.stats_bytes for b in cache.blocks.values())
         assert sorted(k for ks in cache.children.values() for k in ks) == sorted(cache.blocks)
     (again,), _ = run(model, [first], Options(n_tokens=1), cache)
     assert again.cached_tokens == 0  # evicted: its blocks were the least recently used
@@ -139,3 +140,33 @@ def test_scoring_uses_the_cache(model):
     assert cache.hits >= 3 * (2 * BLOCK - 1)
     with pytest.raises(gpt2np.GPT2Error, match="prefix_cache"):
         model.engine(prefix_cache=-1)
+
+
+def test_segments_are_freed_with_their_last_block_and_compacted_when_half_unused(model):
+    """The blocks of one prompt share one allocation; the budget counts allocations, so a
+    segment's survivors move out once more than half of it is unused, with their keys and values."""
+    from gpt2np.prefix_cache import Block, Segment, block_key
+
+    L, H, D = model.config.n_layer, model.config.n_head, model.config.head_dim
+    rng = np.random.default_rng(8)
+    segment = Segment(rng.standard_normal((L, H, D, 4 * BLOCK)).astype(np.float32),
+                      rng.standard_normal((L, H, 4 * BLOCK, D)).astype(np.float32))
+    cache = model.prefix_cache(64)
+    keys, parent = [], b""
+    for k in range(4):
+        keys.append(block_key(parent, np.arange(k * BLOCK, (k + 1) * BLOCK)))
+        cache.insert(Block(keys[-1], segment, k * BLOCK, BLOCK, None, None, parent, np.arange(BLOCK)))
+        parent = keys[-1]
+    assert cache.bytes == segment.nbytes  # four blocks, one allocation
+    kept = [(segment.kT[..., 48:64].copy(), segment.v[:, :, 48:64].copy())]
+    cache._remove(keys[0])
+    assert cache.bytes == segment.nbytes  # three quarters still in use
+    cache._remove(keys[1])  # half unused: the other two move to their own
+    moved = [cache.blocks[k] for k in keys[2:]]
+    assert all(b.segment is not segment and b.segment.nbytes == segment.nbytes // 4 for b in moved)
+    assert cache.bytes == segment.nbytes // 2
+    np.testing.assert_array_equal(moved[1].kT, kept[0][0])
+    np.testing.assert_array_equal(moved[1].v, kept[0][1])
+    cache._remove(keys[2])
+    cache._remove(keys[3])
+    assert cache.bytes == 0 and not cache.blocks and not cache.children
