@@ -9,7 +9,7 @@ in one run (random-weight 124M), and vLLM's CPU build beside them when it is ins
 - a few-shot generation workload: an 800-token prefix shared by every request, a 24-token
   question of its own, 8 greedy tokens, 4 concurrent;
 - random prompts that share nothing (200 tokens, 16 greedy tokens, 4 concurrent): what the cache
-  costs when it never hits;
+  costs when it never hits (3 alternating rounds, medians);
 - memory: the server's RSS after 10,000 distinct cacheable requests (17 tokens: one block each), against
   its budget.
 
@@ -134,15 +134,21 @@ def rss_mb(pid: int) -> float:
     return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
 
 
-def workloads(server, items: int) -> dict:
-    asyncio.run(requests_at(server, random_bodies(2, seed=9), 2))  # warm-up: every page of the weights
-    res = {}
+def workloads(on, off, items: int, rounds: int = 3) -> tuple[dict, dict]:
+    """Each workload on both servers, one after the other; the random prompts, whose ratio must
+    be read to a few percent, in `rounds` alternating rounds (medians): these machines drift."""
+    res = {"on": {}, "off": {}}
     for name, bodies in (("loglikelihood", loglikelihood_bodies(items)), ("few_shot", few_shot_bodies(24)),
-                         ("random", random_bodies(24))):
-        seconds, _ = asyncio.run(requests_at(server, bodies, 4))
-        res[name] = {"requests": len(bodies), "seconds": seconds, "requests_per_s": len(bodies) / seconds}
-        print(f"  {name}: {len(bodies)} requests in {seconds:.1f} s", file=sys.stderr)
-    return res
+                         *((f"random{r}", random_bodies(24, seed=2 + r)) for r in range(rounds))):
+        for label, server in (("on", on), ("off", off)):
+            seconds, _ = asyncio.run(requests_at(server, bodies, 4))
+            res[label][name] = {"requests": len(bodies), "seconds": seconds, "requests_per_s": len(bodies) / seconds}
+            print(f"  cache {label}: {name}: {len(bodies)} requests in {seconds:.1f} s", file=sys.stderr)
+    for side in res.values():
+        runs = [side.pop(f"random{r}") for r in range(rounds)]
+        side["random"] = {"requests": runs[0]["requests"], "seconds": statistics.median(r["seconds"] for r in runs),
+                          "rounds": [r["seconds"] for r in runs]}
+    return res["on"], res["off"]
 
 
 def main() -> None:
@@ -162,23 +168,21 @@ def main() -> None:
     prefix = rand_ids(rng, 900)
 
     on = Server(folder, "--max-batch", "16")
-    try:
-        asyncio.run(requests_at(on, random_bodies(2, seed=9), 2))
-        with httpx.Client() as client:
-            ttft(client, on, False, prefix, rand_ids(rng, 32))  # the prefix is now cached (under no salt)
-            cold = [ttft(client, on, True, prefix, rand_ids(rng, 32)) for _ in range(3)]
-            warm = [ttft(client, on, False, prefix, rand_ids(rng, 32)) for _ in range(3)]
-        res["ttft"] = {"cold_s": statistics.median(cold), "warm_s": statistics.median(warm)}
-        print(f"ttft: {res['ttft']}", file=sys.stderr)
-        print("gpt-serve, prefix cache on:", file=sys.stderr)
-        res["on"] = workloads(on, a.items)
-    finally:
-        on.stop()
     off = Server(folder, "--max-batch", "16", "--prefix-cache-mb", "0")
     try:
-        print("gpt-serve, prefix cache off:", file=sys.stderr)
-        res["off"] = workloads(off, a.items)
+        for server in (on, off):  # warm-up: every page of the weights
+            asyncio.run(requests_at(server, random_bodies(2, seed=9), 2))
+        with httpx.Client() as client:
+            ttft(client, on, False, prefix, rand_ids(rng, 32))  # the prefix is now cached (under no salt)
+            cold, warm = [], []
+            for _ in range(5):
+                cold.append(ttft(client, on, True, prefix, rand_ids(rng, 32)))
+                warm.append(ttft(client, on, False, prefix, rand_ids(rng, 32)))
+        res["ttft"] = {"cold_s": statistics.median(cold), "warm_s": statistics.median(warm)}
+        print(f"ttft: {res['ttft']}", file=sys.stderr)
+        res["on"], res["off"] = workloads(on, off, a.items)
     finally:
+        on.stop()
         off.stop()
 
     mem = Server(folder, "--max-batch", "16", "--prefix-cache-mb", str(a.memory_budget_mb)) if a.memory_requests else None
@@ -234,6 +238,10 @@ def report(res: dict) -> str:
                         ("random", "random prompts, nothing shared (200 + 16 tokens)")):
         lines.append(f"| {label} | {on[name]['requests']} | {on[name]['seconds']:.1f} | {off[name]['seconds']:.1f} | "
                      f"{off[name]['seconds'] / on[name]['seconds']:.2f}x |")
+    lines += ["", "The random prompts ran in 3 alternating rounds (cache on, off, on, ...): on "
+              f"{', '.join(f'{x:.1f}' for x in on['random']['rounds'])} s, off "
+              f"{', '.join(f'{x:.1f}' for x in off['random']['rounds'])} s (medians above). Time to first token: "
+              "medians of 5, cold and warm alternating, on one open connection."]
     m = res.get("memory")
     lines += [""] if m is None else ["", f"- Memory: after {m['requests']:,} distinct cacheable requests with a {m['budget_mb']:.0f} MB "
                   f"budget, the cache held {m['cache_held_mb']:.1f} MB and the server's RSS went from "

@@ -71,12 +71,15 @@ class PrefillPacer:
         self.token_s: float | None = None  # what one prompt token adds to a step
         self.last = self.START
 
-    def observe(self, n_decoding: int, n_prompt: int, seconds: float) -> None:
-        """Record a step's time: its decoding sequences and the prompt tokens it read."""
+    def observe(self, n_decoding: int, n_prompt: int, seconds: float, full: bool = True) -> None:
+        """Record a step's time: its decoding sequences and the prompt tokens it read. `full`:
+        it read the whole chunk offered. A step that read less ended a prompt, and carries that
+        prompt's one-off costs (its first token, caching it): over a few tokens they would look
+        like dear tokens, so such a step teaches nothing about tokens."""
         if n_prompt == 0:
             if n_decoding:
                 self.decode_s = _average(self.decode_s, seconds, self.SMOOTHING)
-        elif n_decoding and self.decode_s is not None:
+        elif full and n_decoding and self.decode_s is not None:
             added = max(seconds - self.decode_s, 1e-6) / n_prompt
             self.token_s = _average(self.token_s, added, self.SMOOTHING)
             self.last = n_prompt
@@ -119,6 +122,7 @@ class Engine:
         if any(n is not None and n < 1 for n in (max_batch, prefill_chunk, max_batched_tokens)):
             raise ValueError("max_batch, prefill_chunk and max_batched_tokens must be at least 1")
         self.pacer = PrefillPacer(prefill_stall) if prefill_stall is not None else None
+        self._offered = 0  # the prompt tokens the pacer allowed this step
         self.max_batched_tokens = max_batched_tokens
         self.prefix_cache = prefix_cache
         self._inflight: dict[bytes, SequenceState] = {}  # block keys a running sequence will add to the cache
@@ -221,7 +225,8 @@ class Engine:
         started = time.perf_counter()
         self._pass_positions(batch, events)
         if self.pacer is not None:
-            self.pacer.observe(len(batch) - len(reading), sum(reading), time.perf_counter() - started)
+            self.pacer.observe(len(batch) - len(reading), sum(reading), time.perf_counter() - started,
+                               full=sum(reading) == self._offered)
 
     def _pass_positions(self, batch: list[tuple[SequenceState, int]], events: list[Event]) -> None:
         try:
@@ -264,7 +269,7 @@ class Engine:
         decoding = sum(1 for s in self.running if not s.reading and len(s.pending))
         budget = min(self.prefill_chunk or np.inf, (self.max_batched_tokens or np.inf) - decoding)
         if decoding and self.pacer is not None:
-            budget = min(budget, self.pacer.chunk())
+            budget = self._offered = min(budget, self.pacer.chunk())
         batch = []
         for s in self.running:
             n = len(s.pending)

@@ -155,6 +155,11 @@ def test_prefill_pacer():
     assert p.chunk() == PrefillPacer.MIN  # never below MIN: a prompt always moves
     p.observe(0, 500, 0.5)  # a step with no decoding says nothing about how prompt tokens slow decoding
     assert p.chunk() == PrefillPacer.MIN
+    q = PrefillPacer(3.0)
+    q.observe(4, 0, 0.050)
+    q.observe(4, 16, 0.050 + 16 * 0.001)
+    q.observe(4, 3, 5.0, full=False)  # the end of a prompt: its one-off costs are not the tokens'
+    assert q.chunk() == 32
     with pytest.raises(ValueError):
         PrefillPacer(1.0)
 
