@@ -219,6 +219,7 @@ class Engine:
 
     def _pass(self, events: list[Event]) -> None:
         batch = self._positions()
+        batch += self._borrowers(batch)
         if not batch:  # every running sequence is reading a prompt and the budget is spent
             return
         reading = [n for s, n in batch if s.reading]  # before the pass: it ends their reading
@@ -231,12 +232,16 @@ class Engine:
     def _pass_positions(self, batch: list[tuple[SequenceState, int]], events: list[Event]) -> None:
         try:
             hidden = transformer(self.params, self.config, [(s.pending[:n], s.cache) for s, n in batch],
-                                 all_positions=[s.scoring for s, _ in batch])
+                                 all_positions=[s.scoring for s, _ in batch],
+                                 borrows=[(s.lender.cache, s.cache.length) if s.lender else None for s, _ in batch])
             scored = []
             for (s, n), h in zip(batch, hidden):
                 scored.append((s, h, s.cache.length - n))
                 s.pending = s.pending[n:]
             self._score([job for job in scored if job[0].scoring], events)
+            for s, _ in batch:
+                if s.lender is not None:
+                    _guarded(s, events, "reading a shared prompt", self._take_lent, s)
             ready = []
             for s, h, _ in scored:
                 if s.done:  # its scoring failed
@@ -304,6 +309,8 @@ class Engine:
         logits = lm_head(self.params, np.concatenate([h for _, _, h in chunk]) if len(chunk) > 1 else chunk[0][2])
         row = 0
         for s, position, h in chunk:
+            if s.lender is not None and not s.done:  # the lent positions' scores come first
+                _guarded(s, events, "reading a shared prompt", self._take_lent, s)
             if not s.done:
                 _guarded(s, events, "scoring the prompt", s.score_prompt, logits[row:row + len(h)], position)
             row += len(h)
@@ -314,15 +321,71 @@ class Engine:
 
     def _waits_for_prefix(self, s: SequenceState) -> bool:
         """Whether `s` should wait because a running sequence is computing the next blocks of its
-        prompt (then it reads them from the cache instead of computing them again)."""
+        prompt (then it reads them from the cache, or from that sequence in the same pass,
+        instead of computing them again)."""
+        return self._reader(s) is not None
+
+    def _reader(self, s: SequenceState) -> SequenceState | None:
+        """The running sequence computing the next uncached blocks of `s`'s prompt, if any."""
         if not self._cacheable(s):
-            return False
+            return None
         keys = self._keys(s)
         m = next((i for i, key in enumerate(keys) if key not in self.prefix_cache), len(keys))
         reader = self._inflight.get(keys[m]) if m < len(keys) else None
-        if reader is None or reader.done:
-            return False
-        return reader.scoring or not s.scoring  # a scoring prompt needs blocks that keep their scores
+        if reader is None or reader.done or s.scoring and not reader.scoring:
+            return None  # a scoring prompt needs positions whose scores are kept
+        return reader
+
+    def _borrowers(self, batch: list[tuple[SequenceState, int]]) -> list[tuple[SequenceState, int]]:
+        """Waiting sequences that join this pass, lent their shared prefix by a sequence in it that
+        reads the rest of its prompt in this pass: the 4 choices of an item, arriving together,
+        are read in the pass that reads their context, not one pass later."""
+        whole = {id(s) for s, n in batch if s.reading and s.fresh and n == len(s.pending)}
+        rows, joined = sum(n for _, n in batch), []
+        for s in list(self.waiting):
+            if self.max_batch is not None and len(self.running) >= self.max_batch:
+                break
+            reader = self._reader(s)
+            if reader is None or id(reader) not in whole or (s.scoring and reader.record is None):
+                continue
+            a, b = np.asarray(reader.result.prompt_ids), np.asarray(s.result.prompt_ids)
+            m = min(len(a), len(b))
+            n = int(np.argmin(np.append(a[:m] == b[:m], False))) - 1  # all but the last shared position
+            if n < 1 or self.max_batched_tokens is not None and rows + len(b) - n > self.max_batched_tokens:
+                continue
+            if not _guarded(s, [], "allocating its cache", self._lend, s, reader, n)[0]:
+                continue  # it failed: its last event comes from the waiting queue's check next step
+            self.waiting.remove(s)
+            self.running.append(s)
+            joined.append((s, len(s.pending)))
+            rows += len(s.pending)
+        return joined
+
+    def _lend(self, s: SequenceState, reader: SequenceState, n: int) -> None:
+        """Admit `s` with its first n positions lent by `reader` (copied in the pass)."""
+        s.admit()
+        self._keys(s)
+        if s.scoring:
+            s.start_record()
+        s.cached_blocks = n // BLOCK  # those blocks are the reader's: it caches them
+        self.prefix_cache.queries += len(s.result.prompt_ids)
+        self.prefix_cache.hits += n
+        for key in s.keys[s.cached_blocks:]:
+            self._inflight.setdefault(key, s)
+        s.cache.length = n
+        s.pending = s.pending[n:]
+        s.result.cached_tokens = n
+        s.lender = reader
+
+    def _take_lent(self, s: SequenceState) -> None:
+        """The lent positions' scoring, from the lender's record (scored in this pass)."""
+        lender, s.lender = s.lender, None
+        if not s.scoring:
+            return
+        if lender.done and lender.result.error is not None:
+            raise RuntimeError("the sequence sharing its prompt failed")
+        n = s.result.cached_tokens
+        s.take_cached({name: values[:n] for name, values in lender.record.items()}, n)
 
     @staticmethod
     def _keys(s: SequenceState) -> list[bytes]:

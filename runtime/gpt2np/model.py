@@ -162,10 +162,13 @@ class Segment(NamedTuple):
 
     A forward pass may carry several sequences at once (a batch): the weight matmuls serve all
     rows together, and only attention, which each sequence does against its own cache, goes
-    segment by segment.
+    segment by segment. `borrow` = (cache of an earlier segment, n): this sequence's first n
+    positions are that one's, computed in this same pass, and are copied layer by layer just
+    before they are needed (prompts that share a prefix compute it once, in one pass).
     """
     rows: slice
     cache: KVCache
+    borrow: tuple[KVCache, int] | None = None
 
 
 def mha(x: np.ndarray, p: Block, n_head: int, segments: list[Segment], layer: int) -> np.ndarray:
@@ -176,9 +179,13 @@ def mha(x: np.ndarray, p: Block, n_head: int, segments: list[Segment], layer: in
     D = E // n_head
     qkv = linear(x, p.c_attn).reshape(N, 3, n_head, D)  # one fused matmul for Q, K and V
     out = np.empty((N, E), dtype=np.float32)
-    for rows, cache in segments:
+    for rows, cache, borrow in segments:
         T, start = rows.stop - rows.start, cache.length
         kT, v = cache.kT[layer], cache.v[layer]
+        if borrow is not None:  # the lender's segment came first: its positions of this layer are written
+            lender, n = borrow
+            kT[:, :, :n] = lender.kT[layer][:, :, :n]
+            v[:, :n] = lender.v[layer][:, :n]
         q = qkv[rows, 0].transpose(1, 0, 2)  # [H, T, D]
         q *= np.float32(1.0 / np.sqrt(D))
         kT[:, :, start:start + T] = qkv[rows, 1].transpose(1, 2, 0)
@@ -202,31 +209,35 @@ def transformer_block(x: np.ndarray, p: Block, config: GPT2Config, segments: lis
 
 
 def transformer(params: Params, config: GPT2Config, batch: list[tuple[np.ndarray, KVCache]],
-                all_positions: bool | list[bool] = False) -> list[np.ndarray]:
+                all_positions: bool | list[bool] = False,
+                borrows: list[tuple[KVCache, int] | None] | None = None) -> list[np.ndarray]:
     """Run each sequence's new `ids` (the positions after those in its cache) through GPT-2.
 
     Extends every cache and returns, per sequence, the final hidden state (after ln_f) of its
     last position [1, E], or of every new position [T, E] with `all_positions` (one flag for
-    all sequences, or one per sequence).
+    all sequences, or one per sequence). `borrows`: per sequence, None or (the cache of an
+    earlier sequence in the batch, n): its positions below n (its cache.length) are that
+    sequence's, which this pass computes (see `Segment`).
     """
     if isinstance(all_positions, bool):
         all_positions = [all_positions] * len(batch)
+    borrows = borrows or [None] * len(batch)
     segments, embeddings, row = [], [], 0
-    for ids, cache in batch:
+    for (ids, cache), borrow in zip(batch, borrows):
         start, T = cache.length, len(ids)
         if T == 0 or start + T > min(cache.capacity, config.n_positions):
             raise ValueError(f"{T} new positions after {start} do not fit the cache capacity "
                              f"({cache.capacity}) or the model's context ({config.n_positions})")
         embeddings.append(params.wte[ids] + params.wpe[start:start + T])
-        segments.append(Segment(slice(row, row + T), cache))
+        segments.append(Segment(slice(row, row + T), cache, borrow))
         row += T
     x = np.concatenate(embeddings) if len(embeddings) > 1 else embeddings[0]
     with np.errstate(over="ignore"):  # gelu's exp overflows to inf on purpose
         for layer, block in enumerate(params.blocks):
             x = transformer_block(x, block, config, segments, layer)
-    for rows, cache in segments:
+    for rows, cache, _ in segments:
         cache.length += rows.stop - rows.start
-    picked = [x[rows] if every else x[rows.stop - 1:rows.stop] for (rows, _), every in zip(segments, all_positions)]
+    picked = [x[seg.rows] if every else x[seg.rows.stop - 1:seg.rows.stop] for seg, every in zip(segments, all_positions)]
     return [layer_norm(h, params.ln_f, config.layer_norm_epsilon) for h in picked]
 
 

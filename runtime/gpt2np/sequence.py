@@ -109,6 +109,7 @@ class SequenceState:
         self.record: dict[str, np.ndarray] | None = None  # the prompt's scoring, kept for the prefix cache
         self.keys: list[bytes] = []  # the prefix cache's keys of the prompt's blocks
         self.cached_blocks = 0  # how many of them came from the cache
+        self.lender: SequenceState | None = None  # lends this pass its first positions (`Engine._borrowers`)
         if error is not None:
             self.fail(error)
             return

@@ -47,9 +47,9 @@ def positions_per_pass(monkeypatch):
     seen = []
     real = gpt2np.engine.transformer
 
-    def spy(params, config, batch, all_positions=False):
+    def spy(params, config, batch, all_positions=False, **kw):
         seen.append([len(ids) for ids, _ in batch])
-        return real(params, config, batch, all_positions)
+        return real(params, config, batch, all_positions, **kw)
 
     monkeypatch.setattr(gpt2np.engine, "transformer", spy)
     return seen
@@ -111,10 +111,10 @@ def test_prefill_stall_reads_a_lone_prompt_whole_and_paces_one_that_joins(model,
     seen, clock = positions_per_pass, FakeClock()
     real_spy = gpt2np.engine.transformer
 
-    def timed(params, config, batch, all_positions=False):
+    def timed(params, config, batch, all_positions=False, **kw):
         # the pass the pacer times: decoding rows cost `decode`, each prompt row `per_token` more
         clock.now += clock.decode + clock.per_token * sum(len(ids) for ids, _ in batch if len(ids) > 1)
-        return real_spy(params, config, batch, all_positions)
+        return real_spy(params, config, batch, all_positions, **kw)
 
     monkeypatch.setattr(gpt2np.engine, "transformer", timed)
     monkeypatch.setattr(gpt2np.engine, "time", clock)

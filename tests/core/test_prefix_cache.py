@@ -81,7 +81,7 @@ def test_generation_is_the_same_with_the_cache(model):
 
 def test_sequences_admitted_together_compute_a_shared_prefix_once(model, monkeypatch):
     """The 4 prompts of one item, arriving together: the first computes the context, the others
-    wait for its blocks and compute only their own part."""
+    borrow it in the same pass and compute only their own part."""
     import gpt2np.engine as E
 
     rows, real = [], E.transformer
@@ -91,12 +91,13 @@ def test_sequences_admitted_together_compute_a_shared_prefix_once(model, monkeyp
     results, e = run(model, prompts, Options(n_tokens=0, prompt_logprobs=1), model.prefix_cache(64))
     assert [r.cached_tokens for r in results] == [0, 44, 44, 44]  # the 45-token context but its last position
     assert sum(rows) == sum(map(len, prompts)) - 3 * 44
+    assert len(rows) == 1  # one pass: the context and the three tails together
     # The context ends inside the first prompt's last full block: the others reuse its start.
     rows.clear()
     prompts = multiple_choice(np.random.default_rng(3), context=40, choices=(9, 9, 12))
     results, e = run(model, prompts, Options(n_tokens=0, prompt_logprobs=1), model.prefix_cache(64))
     assert [r.cached_tokens for r in results] == [0, 39, 39]
-    assert sum(rows) == sum(map(len, prompts)) - 2 * 39
+    assert sum(rows) == sum(map(len, prompts)) - 2 * 39 and len(rows) == 1
     # n samples of one prompt read it once as well
     same = [prompts[0]] * 3
     results, e = run(model, same, Options(n_tokens=2, temperature=1.0, seed=1), model.prefix_cache(64))

@@ -22,6 +22,8 @@ from .metrics import Metrics
 
 log = logging.getLogger("gpt2np.serve")
 
+GATHER_S = 0.003  # how long an idle engine waits for more requests before its first step
+
 Update = tuple[SequenceState, "int | None", str, str, "str | None"]
 """An engine event as the handlers get it: (sequence, token or None, text, the token's own text,
 stop reason if this was the sequence's last event else None). The reason is read when the step ends, since the
@@ -88,8 +90,15 @@ class EngineWorker:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._inbox and self.engine.idle and not self._stop:
-                    self._lock.wait()
+                if self.engine.idle:
+                    while not self._inbox and not self._stop:
+                        self._lock.wait()
+                    # Requests sent together reach the engine a few ms apart (each is parsed in
+                    # turn): gather them into one first step (the choices of one item then read
+                    # their shared context in one pass). Only an idle engine waits.
+                    deadline = time.monotonic() + GATHER_S
+                    while not self._stop and (left := deadline - time.monotonic()) > 0:
+                        self._lock.wait(left)
                 if self._stop:
                     return
                 new, self._inbox = self._inbox, []
