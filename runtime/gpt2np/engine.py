@@ -28,13 +28,14 @@ from typing import Any, Iterator, NamedTuple
 import numpy as np
 
 from .config import GPT2Config
-from .model import Params, lm_head, transformer
+from .model import KVPool, Params, lm_head, transformer
 from .options import Options
 from .prefix_cache import BLOCK, Block, PrefixCache, Segment, Stats, block_key, block_keys, root_key
 from .sampling import log_normalizers
 from .sequence import SequenceState
 from .tokenizer import Tokenizer
 
+KV_POOL_BYTES = 256 * 2**20  # at most this much of finished sequences' caches is kept for reuse
 SCORE_ROWS = 256  # prompt logits for scoring are made this many rows at a time: [256, 50257] is 51 MB
 
 
@@ -121,6 +122,8 @@ class Engine:
                  prefill_stall: float | None = None):
         if any(n is not None and n < 1 for n in (max_batch, prefill_chunk, max_batched_tokens)):
             raise ValueError("max_batch, prefill_chunk and max_batched_tokens must be at least 1")
+        full_cache = 2 * config.n_layer * config.n_embd * config.n_positions * 4
+        self.kv_pool = KVPool(config, min(2 * full_cache, KV_POOL_BYTES))  # finished sequences' caches, reused
         self.pacer = PrefillPacer(prefill_stall) if prefill_stall is not None else None
         self._offered = 0  # the prompt tokens the pacer allowed this step
         self.max_batched_tokens = max_batched_tokens
@@ -157,6 +160,7 @@ class Engine:
         """Queue a sequence made by `sequence`; it joins the batch at a coming step."""
         if tag is not None:
             seq.tag = tag
+        seq.kv_pool = self.kv_pool
         self._held[id(seq)] = seq
         (self._ended if seq.done else self.waiting).append(seq)
         return seq

@@ -15,7 +15,7 @@ import numpy as np
 
 from .config import GPT2Config
 from .errors import GPT2Error
-from .model import KVCache
+from .model import KVCache, KVPool
 from .options import MAX_TOP_LOGPROBS as TOP
 from .options import Options
 from .prompts import check_ids
@@ -101,6 +101,7 @@ class SequenceState:
         self.cancelled = False
         self.done = False
         self.cache: KVCache | None = None  # allocated when the engine admits the sequence
+        self.kv_pool: KVPool | None = None  # where its cache comes from and goes back to (the engine's)
         self.submitted_at = time.perf_counter()
         self.admitted_at = self.first_token_at = self.finished_at = 0.0
         self.tag: Any = None  # for the caller: which request or prompt this is
@@ -155,7 +156,14 @@ class SequenceState:
 
     def _new_cache(self, n_ids: int) -> None:
         left = self.options.n_tokens - len(self.result.ids)
-        self.cache = KVCache(self.config, min(self.config.n_positions, n_ids + left))
+        capacity = min(self.config.n_positions, n_ids + left)
+        self._release_cache()
+        self.cache = KVCache(self.config, capacity) if self.kv_pool is None else self.kv_pool.take(capacity)
+
+    def _release_cache(self) -> None:
+        if self.cache is not None and self.kv_pool is not None:
+            self.kv_pool.give(self.cache)
+        self.cache = None
 
     def score_rows(self, first: int, n: int) -> slice:
         """Of the n positions first, first+1, ... just read, those whose logits score a prompt token
@@ -280,7 +288,7 @@ class SequenceState:
             text += tail if stopped else tail + self.stops.flush()
             reason = "stop" if stopped else reason
         self.done = True
-        self.cache = None  # the memory goes back now, not when the caller lets go of the sequence
+        self._release_cache()  # the memory goes back now, not when the caller lets go of the sequence
         self.finished_at = time.perf_counter()
         r = self.result
         r.stop_reason = reason
