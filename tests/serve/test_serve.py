@@ -383,6 +383,38 @@ def test_no_input_makes_a_500_or_stops_the_server(server):
     assert httpx.get(server.url + "/health").status_code == 200
 
 
+def test_an_idle_engine_gathers_requests_sent_together_into_one_step(model, monkeypatch):
+    """Requests sent together reach the engine a few ms apart: an idle engine waits GATHER_S
+    before its first step, so an item's choices read their shared context in one pass."""
+    import asyncio
+
+    import gpt2np.serve.worker as W
+    from gpt2np.serve.metrics import Metrics
+
+    monkeypatch.setattr(W, "GATHER_S", 2.0)  # long, so that the test does not race the window
+    engine = model.engine(max_batch=8, prefix_cache=8)
+    worker = W.EngineWorker(engine, max_queue=8, metrics=Metrics())
+    passes, real = [], engine.step
+    engine.step = lambda: passes.append([len(s.pending) for s in [*engine.waiting, *engine.running]]) or real()
+    worker.start()
+    context = list(range(100, 140))
+    opts = gpt2np.Options(n_tokens=0, prompt_logprobs=1)
+
+    async def run():
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        worker.submit([engine.sequence(context + [7], opts)], loop, queue)
+        await asyncio.sleep(0.2)
+        worker.submit([engine.sequence(context + [8, 9], opts)], loop, queue)
+        return [await asyncio.wait_for(queue.get(), 10) for _ in range(2)]
+
+    try:
+        events = asyncio.run(run())
+    finally:
+        worker.stop()
+    assert passes[0] == [41, 42] and len(passes) == 1  # one step: one reads the context, one borrows it
+    assert [seq.result.cached_tokens for (seq, *_), in events] == [0, 39]
+
+
 def test_engine_failure_ends_every_request_it_holds(model):
     import asyncio
 
