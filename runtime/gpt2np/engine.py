@@ -74,9 +74,10 @@ class PrefillPacer:
 
     def observe(self, n_decoding: int, n_prompt: int, seconds: float, full: bool = True) -> None:
         """Record a step's time: its decoding sequences and the prompt tokens it read. `full`:
-        it read the whole chunk offered. A step that read less ended a prompt, and carries that
-        prompt's one-off costs (its first token, caching it): over a few tokens they would look
-        like dear tokens, so such a step teaches nothing about tokens."""
+        it read the whole chunk offered, and no prompt began in it. A step that read less ended a
+        prompt, and one that began a prompt first touched its new cache: their one-off costs
+        (a first token, caching a prompt, page faults) would look like dear tokens, so such a
+        step teaches nothing about tokens."""
         if n_prompt == 0:
             if n_decoding:
                 self.decode_s = _average(self.decode_s, seconds, self.SMOOTHING)
@@ -231,7 +232,8 @@ class Engine:
         self._pass_positions(batch, events)
         if self.pacer is not None:
             self.pacer.observe(len(batch) - len(reading), sum(reading), time.perf_counter() - started,
-                               full=sum(reading) == self._offered)
+                               full=sum(reading) == self._offered and not any(s.cache.length == n for s, n in batch
+                                                                              if s.reading))
 
     def _pass_positions(self, batch: list[tuple[SequenceState, int]], events: list[Event]) -> None:
         try:
