@@ -73,6 +73,7 @@ _GELU_C = np.float32(np.sqrt(2.0 / np.pi))
 _GELU_A = np.float32(0.044715)
 _GELU_ROWS = 32  # gelu's scratch, [32, 3072] floats, fits in L2
 _ATTENTION_BLOCK = 128  # query rows per block in long prompts: scores stay in cache
+_ALL_HEADS_SCORES = 512 * 1024  # up to this many scores (2 MB) a block takes all heads at once
 
 
 def gelu(x: np.ndarray) -> np.ndarray:  # [N, F] -> the same array
@@ -169,9 +170,11 @@ def attention(q: np.ndarray, kT: np.ndarray, v: np.ndarray, offset: int,
     for start in range(0, T, _ATTENTION_BLOCK):
         stop = min(start + _ATTENTION_BLOCK, T)
         visible = offset + stop
-        # Several rows: one head at a time, so the block's scores stay in L2 through the passes
-        # below. One row (decoding): all heads in one product, as the call overhead dominates.
-        for heads in [slice(h, h + 1) for h in range(H)] if stop - start > 1 else [slice(0, H)]:
+        # Many scores: one head at a time, so the block's scores stay in L2 through the passes
+        # below. Few (decoding, or a short prompt tail): all heads in one product, as the call
+        # overhead dominates.
+        few = H * (stop - start) * visible <= _ALL_HEADS_SCORES
+        for heads in [slice(0, H)] if few else [slice(h, h + 1) for h in range(H)]:
             scores = q[heads, start:stop] @ kT[heads, :, :visible]  # [heads, rows, visible]
             if stop - start > 1:  # the block's own keys include some in each row's future
                 scores[:, :, offset + start:visible] += _causal_mask(stop - start)
