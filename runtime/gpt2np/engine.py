@@ -30,7 +30,8 @@ import numpy as np
 from .config import GPT2Config
 from .model import KVPool, Params, lm_head, transformer
 from .options import Options
-from .prefix_cache import BLOCK, Block, PrefixCache, Segment, Stats, block_key, block_keys, root_key
+from .prefix_cache import (BLOCK, STATS, Block, PrefixCache, Segment, Stats, block_key, block_keys,
+                           common_prefix, root_key)
 from .sampling import log_normalizers
 from .sequence import SequenceState
 from .tokenizer import Tokenizer
@@ -208,7 +209,7 @@ class Engine:
         blocked = []
         while self.waiting and (self.max_batch is None or len(self.running) < self.max_batch):
             s = self.waiting.popleft()
-            if self._waits_for_prefix(s):
+            if self._reader(s) is not None:  # it waits for a running sequence's blocks
                 blocked.append(s)
             elif _guarded(s, events, "allocating its cache", self._admit, s)[0]:
                 self.running.append(s)
@@ -228,12 +229,12 @@ class Engine:
         if not batch:  # every running sequence is reading a prompt and the budget is spent
             return
         reading = [n for s, n in batch if s.reading]  # before the pass: it ends their reading
+        began = any(s.reading and s.cache.length == (s.result.cached_tokens if s.fresh else 0) for s, _ in batch)
         started = time.perf_counter()
         self._pass_positions(batch, events)
         if self.pacer is not None:
             self.pacer.observe(len(batch) - len(reading), sum(reading), time.perf_counter() - started,
-                               full=sum(reading) == self._offered and not any(s.cache.length == n for s, n in batch
-                                                                              if s.reading))
+                               full=sum(reading) == self._offered and not began)
 
     def _pass_positions(self, batch: list[tuple[SequenceState, int]], events: list[Event]) -> None:
         try:
@@ -325,14 +326,10 @@ class Engine:
     def _cacheable(self, s: SequenceState) -> bool:
         return self.prefix_cache is not None and s.fresh and len(s.pending) == len(s.result.prompt_ids) > BLOCK
 
-    def _waits_for_prefix(self, s: SequenceState) -> bool:
-        """Whether `s` should wait because a running sequence is computing the next blocks of its
-        prompt (then it reads them from the cache, or from that sequence in the same pass,
-        instead of computing them again)."""
-        return self._reader(s) is not None
-
     def _reader(self, s: SequenceState) -> SequenceState | None:
-        """The running sequence computing the next uncached blocks of `s`'s prompt, if any."""
+        """The running sequence computing the next uncached blocks of `s`'s prompt, if any: then
+        `s` waits, and reads them from the cache, or from that sequence in the same pass, instead
+        of computing them again."""
         if not self._cacheable(s):
             return None
         keys = self._keys(s)
@@ -354,10 +351,9 @@ class Engine:
             reader = self._reader(s)
             if reader is None or id(reader) not in whole or (s.scoring and reader.record is None):
                 continue
-            a, b = np.asarray(reader.result.prompt_ids), np.asarray(s.result.prompt_ids)
-            m = min(len(a), len(b))
-            n = int(np.argmin(np.append(a[:m] == b[:m], False))) - 1  # all but the last shared position
-            if n < 1 or self.max_batched_tokens is not None and rows + len(b) - n > self.max_batched_tokens:
+            prompt = s.result.prompt_ids
+            n = common_prefix(reader.result.prompt_ids, prompt) - 1  # all but the last shared position
+            if n < 1 or self.max_batched_tokens is not None and rows + len(prompt) - n > self.max_batched_tokens:
                 continue
             if not _guarded(s, [], "allocating its cache", self._lend, s, reader, n)[0]:
                 continue  # it failed: its last event comes from the waiting queue's check next step
@@ -370,18 +366,27 @@ class Engine:
     def _lend(self, s: SequenceState, reader: SequenceState, n: int) -> None:
         """Admit `s` with its first n positions lent by `reader` (copied in the pass)."""
         s.admit()
+        self._track(s, n // BLOCK)  # those blocks are the reader's: it caches them
+        self._skip(s, n)
+        s.lender = reader
+
+    def _track(self, s: SequenceState, cached_blocks: int) -> None:
+        """Count `s`'s prompt as looked up, keep its scoring for the cache, and claim the blocks
+        after its first `cached_blocks` as ones it will add (others wait for them)."""
         self._keys(s)
         if s.scoring:
             s.start_record()
-        s.cached_blocks = n // BLOCK  # those blocks are the reader's: it caches them
+        s.cached_blocks = cached_blocks
         self.prefix_cache.queries += len(s.result.prompt_ids)
-        self.prefix_cache.hits += n
-        for key in s.keys[s.cached_blocks:]:
+        for key in s.keys[cached_blocks:]:
             self._inflight.setdefault(key, s)
+
+    def _skip(self, s: SequenceState, n: int) -> None:
+        """`s` starts after its first n positions, which it does not compute (a cache hit)."""
         s.cache.length = n
         s.pending = s.pending[n:]
         s.result.cached_tokens = n
-        s.lender = reader
+        self.prefix_cache.hits += n
 
     def _take_lent(self, s: SequenceState) -> None:
         """The lent positions' scoring, from the lender's record (scored in this pass)."""
@@ -408,17 +413,11 @@ class Engine:
         if not self._cacheable(s):
             return
         cache, prompt = self.prefix_cache, s.result.prompt_ids
-        self._keys(s)
-        if s.scoring:
-            s.start_record()
-        blocks = cache.lookup(s.keys, need_stats=s.scoring)
-        s.cached_blocks = len(blocks)
+        blocks = cache.lookup(self._keys(s), need_stats=s.scoring)
+        self._track(s, len(blocks))
         start = len(blocks) * BLOCK
         parent = blocks[-1].key if blocks else root_key(s.salt)
         partial, n = cache.partial(parent, np.asarray(prompt[start:start + BLOCK], np.int64), s.scoring, not blocks)
-        cache.queries += len(prompt)
-        for key in s.keys[len(blocks):]:
-            self._inflight.setdefault(key, s)
         reused = start + n - 1 if start + n else 0
         if reused <= 0:
             return
@@ -428,10 +427,7 @@ class Engine:
             s.cache.kT[..., at:at + m] = seg.kT[..., offset:offset + m]
             s.cache.v[:, :, at:at + m] = seg.v[:, :, offset:offset + m]
             at += m
-        s.cache.length = reused
-        s.pending = s.pending[reused:]
-        s.result.cached_tokens = reused
-        cache.hits += reused
+        self._skip(s, reused)
         if s.scoring:
             s.take_cached(_record(pieces), reused)
 
@@ -453,8 +449,7 @@ class Engine:
             # reuses that one), and, after the first block, the logit leading into it.
             last = b if b - a == BLOCK else b - 1
             if rec is not None and last <= len(prompt) - 1 and rec["scored"][a:last].all() and (k == 0 or rec["scored"][a - 1]):
-                stats = Stats(*(rec[name][a:b].copy() for name in ("top", "log_sum", "top_ids", "top_logits",
-                                                                     "next_logit")))
+                stats = Stats(*(rec[name][a:b].copy() for name in STATS))
                 entry = float(rec["next_logit"][a - 1]) if k else None
             key = keys[k] if k < len(keys) else block_key(parent, ids[a:b])
             self.prefix_cache.insert(Block(key, segment, a - first, b - a, entry, stats, parent, ids[a:b]))
@@ -514,8 +509,7 @@ def _runs(pieces: list[tuple[Block, int]]) -> Iterator[tuple[Segment, int, int]]
 def _record(pieces: list[tuple[Block, int]]) -> dict[str, np.ndarray]:
     """The scoring of the reused positions, as arrays over them (`SequenceState.record`): the
     first m positions of each block (`pieces`)."""
-    names = ("top", "log_sum", "top_ids", "top_logits", "next_logit")
-    out = {name: np.concatenate([getattr(b.stats, name)[:m] for b, m in pieces]) for name in names}
+    out = {name: np.concatenate([getattr(b.stats, name)[:m] for b, m in pieces]) for name in STATS}
     at = 0
     for b, m in pieces:  # the logit that leads into each block is kept with that block
         if at:

@@ -122,7 +122,7 @@ def matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [N, in] @ [in, out] -
 
     sgemm packs the whole weight matrix on every call, which for a few rows costs more than the
     product itself (on a SkylakeX-kernel machine, the 48 matrices of 124M took 13.7 ms at 1 row and
-    41.7 at 2; `make bench` measures the forms side by side). So: one row is a gemv; 2-3 rows
+    41.7 at 2, with the forms below timed side by side in one run). So: one row is a gemv; 2-3 rows
     are a gemv each (22 and 28 ms); up to `_SMALL` rows, the product is taken as (wᵀ·xᵀ)ᵀ, where
     sgemm packs the few rows instead (31 ms at 2 rows, 35 at 8, 49 at 32); beyond, x @ w.
     """

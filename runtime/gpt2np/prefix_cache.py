@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -48,6 +48,9 @@ class Stats:
     top_ids: np.ndarray  # [B, TOP] most likely tokens, most likely first (ties by id)
     top_logits: np.ndarray  # [B, TOP] their logits (float32)
     next_logit: np.ndarray  # [B] at position i < B - 1, the logit of the block's token i + 1
+
+
+STATS = tuple(f.name for f in fields(Stats))  # their names, as `SequenceState.record` names its arrays
 
 
 class Segment:
@@ -130,7 +133,7 @@ class PrefixCache:
         found = []
         for key in keys:
             block = self.blocks.get(key)
-            if block is None or need_stats and not _answers(block, found):
+            if block is None or need_stats and not _answers(block, after_another=bool(found)):
                 break
             self.blocks.move_to_end(key)
             found.append(block)
@@ -142,9 +145,8 @@ class PrefixCache:
         best, n = None, 0
         for key in self.children.get(parent, ()):
             block = self.blocks[key]
-            m = min(len(block.ids), len(ids))
-            common = int(np.argmin(np.append(block.ids[:m] == ids[:m], False)))
-            if common > n and (not need_stats or _answers(block, [] if first else [None])):
+            common = common_prefix(block.ids, ids)
+            if common > n and (not need_stats or _answers(block, after_another=not first)):
                 best, n = block, common
         if best is not None:
             self.blocks.move_to_end(best.key)
@@ -195,7 +197,14 @@ class PrefixCache:
         return key in self.blocks
 
 
-def _answers(block: Block, before: list) -> bool:
-    """Whether `block` can answer prompt log-probabilities after the blocks `before` it (after
-    another block, the logit leading into it must be known too)."""
-    return block.stats is not None and (not before or block.entry_logit is not None)
+def _answers(block: Block, after_another: bool) -> bool:
+    """Whether `block` can answer prompt log-probabilities (after another block, the logit
+    leading into it must be known too)."""
+    return block.stats is not None and (not after_another or block.entry_logit is not None)
+
+
+def common_prefix(a, b) -> int:
+    """How many ids two sequences of token ids share from their start."""
+    a, b = np.asarray(a), np.asarray(b)
+    m = min(len(a), len(b))
+    return int(np.argmin(np.append(a[:m] == b[:m], False)))

@@ -75,7 +75,8 @@ def log_normalizers(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     log_sum = np.empty(len(logits))
     e = np.empty((min(len(logits), _ROWS), logits.shape[-1]), dtype=np.float32)
     for lo in range(0, len(logits), _ROWS):
-        block = np.subtract(logits[lo:lo + _ROWS], top[lo:lo + _ROWS, None], out=e[:len(logits[lo:lo + _ROWS])])
+        rows = logits[lo:lo + _ROWS]
+        block = np.subtract(rows, top[lo:lo + _ROWS, None], out=e[:len(rows)])
         np.exp(block, out=block)
         log_sum[lo:lo + len(block)] = block.sum(axis=-1, dtype=np.float64)
     return top, np.log(log_sum)
