@@ -28,7 +28,7 @@ from typing import Any, Iterator, NamedTuple
 import numpy as np
 
 from .config import GPT2Config
-from .model import KVPool, Params, lm_head, transformer
+from .model import KVPool, Params, first_positions, lm_head, transformer
 from .options import Options
 from .prefix_cache import (BLOCK, STATS, Block, PrefixCache, Segment, Stats, block_key, block_keys,
                            common_prefix, root_key)
@@ -352,7 +352,7 @@ class Engine:
             if reader is None or id(reader) not in whole or (s.scoring and reader.record is None):
                 continue
             prompt = s.result.prompt_ids
-            n = common_prefix(reader.result.prompt_ids, prompt) - 1  # all but the last shared position
+            n = _reusable(s, common_prefix(reader.result.prompt_ids, prompt))
             if n < 1 or self.max_batched_tokens is not None and rows + len(prompt) - n > self.max_batched_tokens:
                 continue
             if not _guarded(s, [], "allocating its cache", self._lend, s, reader, n)[0]:
@@ -364,8 +364,9 @@ class Engine:
         return joined
 
     def _lend(self, s: SequenceState, reader: SequenceState, n: int) -> None:
-        """Admit `s` with its first n positions lent by `reader` (copied in the pass)."""
-        s.admit()
+        """Admit `s` with its first n positions lent by `reader`: those `reader` reads from the
+        prefix cache in place, `s` reads there too; the rest are copied in the pass."""
+        s.admit(first_positions(reader.cache.prefix, n))
         self._track(s, n // BLOCK)  # those blocks are the reader's: it caches them
         self._skip(s, n)
         s.lender = reader
@@ -407,10 +408,10 @@ class Engine:
 
     def _admit(self, s: SequenceState) -> None:
         """Give `s` its place and cache; reuse what the prefix cache holds of its prompt: its
-        cached full blocks, then the longest common start of a cached block after them, all but
-        the last of those positions."""
-        s.admit()
+        cached full blocks, then the longest common start of a cached block after them (all but
+        the last of those positions when that one's logits are needed: `_reusable`)."""
         if not self._cacheable(s):
+            s.admit()
             return
         cache, prompt = self.prefix_cache, s.result.prompt_ids
         blocks = cache.lookup(self._keys(s), need_stats=s.scoring)
@@ -418,15 +419,13 @@ class Engine:
         start = len(blocks) * BLOCK
         parent = blocks[-1].key if blocks else root_key(s.salt)
         partial, n = cache.partial(parent, np.asarray(prompt[start:start + BLOCK], np.int64), s.scoring, not blocks)
-        reused = start + n - 1 if start + n else 0
+        reused = _reusable(s, start + n)
         if reused <= 0:
+            s.admit()
             return
         pieces = [(b, BLOCK) for b in blocks] + ([(partial, n)] if n else [])
-        at = 0
-        for seg, offset, m in _runs(pieces):  # consecutive positions of one segment: one copy
-            s.cache.kT[..., at:at + m] = seg.kT[..., offset:offset + m]
-            s.cache.v[:, :, at:at + m] = seg.v[:, :, offset:offset + m]
-            at += m
+        runs = [(seg.kT[..., at:at + m], seg.v[:, :, at:at + m]) for seg, at, m in _runs(pieces)]
+        s.admit(first_positions(runs, reused))  # read in place: segments are never written again
         self._skip(s, reused)
         if s.scoring:
             s.take_cached(_record(pieces), reused)
@@ -442,7 +441,7 @@ class Engine:
             if segment is None or a >= first + span:
                 first = a
                 end = min(first + span, len(prompt))
-                segment = Segment(s.cache.kT[..., first:end].copy(), s.cache.v[:, :, first:end].copy())
+                segment = Segment(*s.cache.positions(first, end))
             parent = keys[k - 1] if k else root_key(s.salt)
             stats = entry = None
             # Stats need every position of the block scored (but a partial block's last: no one
@@ -487,6 +486,15 @@ def _guarded(s: SequenceState, events: list[Event], what: str, f, *args) -> tupl
         events.append(Event(s))
         return False, None
 
+
+
+def _reusable(s: SequenceState, shared: int) -> int:
+    """Of the first `shared` positions of `s`'s prompt, already computed, how many it reuses: all
+    but the last when that one's logits are needed, because it ends the prompt (they choose the
+    first token) or because `s` scores its prompt (they score its next token, which the cached
+    record does not hold for a token that differs); else all of them."""
+    needs_last = s.scoring or shared >= len(s.result.prompt_ids)
+    return max(shared - 1, 0) if needs_last else shared
 
 
 def _runs(pieces: list[tuple[Block, int]]) -> Iterator[tuple[Segment, int, int]]:

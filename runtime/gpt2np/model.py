@@ -30,6 +30,11 @@ class KVCache:
     q @ kT product; values are `v` [n_layer, H, capacity, D]. Positions [0, length) are valid.
     Callers size `capacity` to what they will use (prompt plus new tokens): with keys transposed,
     the first position written already touches every page of `kT`.
+
+    A cache may begin with a shared, read-only `prefix`: runs of positions that another array
+    holds (the prefix cache's), read where they are instead of copied in: (kT [n_layer, H, D, m],
+    v [n_layer, H, m, D]) each, `shared` positions in all. The own arrays then hold positions
+    `shared` onwards, at index position − shared; `capacity` counts both.
     """
 
     def __init__(self, config: GPT2Config, capacity: int | None = None):
@@ -38,10 +43,42 @@ class KVCache:
         self.kT = np.empty((L, H, D, capacity), dtype=np.float32)
         self.v = np.empty((L, H, capacity, D), dtype=np.float32)
         self.length = 0
+        self.prefix: list[tuple[np.ndarray, np.ndarray]] = []
+        self.shared = 0
 
     @property
     def capacity(self) -> int:
-        return self.v.shape[2]
+        return self.shared + self.v.shape[2]
+
+    def share(self, prefix: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Begin this (empty) cache with `prefix`'s positions, read in place."""
+        self.prefix = list(prefix)
+        self.shared = self.length = sum(v.shape[2] for _, v in self.prefix)
+
+    def positions(self, first: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """New arrays with the keys [L, H, D, n] and values [L, H, n, D] of positions [first, end)."""
+        runs = self.prefix + [(self.kT[..., :self.length - self.shared], self.v[:, :, :self.length - self.shared])]
+        kTs, vs, at = [], [], 0
+        for kT, v in runs:
+            n = v.shape[2]
+            a, b = max(first - at, 0), min(end - at, n)
+            if a < b:
+                kTs.append(kT[..., a:b])
+                vs.append(v[:, :, a:b])
+            at += n
+        return np.concatenate(kTs, axis=3), np.concatenate(vs, axis=2)
+
+
+def first_positions(runs: list[tuple[np.ndarray, np.ndarray]], n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Of runs of consecutive positions (kT [L, H, D, m], v [L, H, m, D]), those that hold the
+    first n positions (or all there are), the last one cut short: views, not copies."""
+    out, left = [], n
+    for kT, v in runs:
+        if left <= 0:
+            break
+        out.append((kT[..., :left], v[:, :, :left]))
+        left -= v.shape[2]
+    return out
 
 
 class KVPool:
@@ -64,6 +101,7 @@ class KVPool:
         return cache
 
     def give(self, cache: KVCache) -> None:
+        cache.share([])  # let go of what it read in place
         self.free.append(cache)
         while sum(c.kT.nbytes + c.v.nbytes for c in self.free) > self.max_bytes:
             self.free.pop(0)  # the oldest goes first
@@ -155,18 +193,21 @@ def _causal_mask(rows: int) -> np.ndarray:
     return mask
 
 
-def attention(q: np.ndarray, kT: np.ndarray, v: np.ndarray, offset: int,
+def attention(q: np.ndarray, runs: list[tuple[np.ndarray, np.ndarray]], offset: int,
               out: np.ndarray | None = None) -> np.ndarray:
     """Causal attention for queries q [H, T, D] at positions offset..offset+T-1 -> [H, T, D],
     written into `out` when given (a view into the caller's [T, E] array). Reads only.
 
-    softmax(q·kᵀ)·v, with kT [H, D, S] and v [H, S, D] holding every position up to offset+T and
-    q already scaled by 1/√D. Long prompts go in blocks of query rows, each against only the keys
-    it can see, so the scores stay in cache. The softmax is normalised after the product with v:
-    (e·v)/Σe is the same value and divides [rows, D] numbers instead of [rows, S].
+    softmax(q·kᵀ)·v, with q already scaled by 1/√D, over keys and values held in `runs`:
+    (kT [H, D, S_i], v [H, S_i, D]) of consecutive positions, together every position up to
+    offset+T; the last run holds the queries' own (the others are a shared prefix, read where
+    it lies). Long prompts go in blocks of query rows, each against only the keys it can see, so
+    the scores stay in cache. The softmax is normalised after the product with v: (e·v)/Σe is
+    the same value and divides [rows, D] numbers instead of [rows, S].
     """
     H, T, D = q.shape
     out = np.empty((H, T, D), dtype=np.float32) if out is None else out
+    before = sum(v.shape[1] for _, v in runs[:-1])  # positions in the shared runs
     for start in range(0, T, _ATTENTION_BLOCK):
         stop = min(start + _ATTENTION_BLOCK, T)
         visible = offset + stop
@@ -175,12 +216,26 @@ def attention(q: np.ndarray, kT: np.ndarray, v: np.ndarray, offset: int,
         # overhead dominates.
         few = H * (stop - start) * visible <= _ALL_HEADS_SCORES
         for heads in [slice(0, H)] if few else [slice(h, h + 1) for h in range(H)]:
-            scores = q[heads, start:stop] @ kT[heads, :, :visible]  # [heads, rows, visible]
+            qb = q[heads, start:stop]
+            kT, v = runs[-1]
+            if before:  # each run's scores into its columns of one array, for one softmax
+                scores = np.empty((qb.shape[0], stop - start, visible), dtype=np.float32)
+                at = 0
+                for kT_i, v_i in runs[:-1]:
+                    np.matmul(qb, kT_i[heads], out=scores[:, :, at:at + v_i.shape[1]])
+                    at += v_i.shape[1]
+                np.matmul(qb, kT[heads, :, :visible - before], out=scores[:, :, before:])
+            else:
+                scores = qb @ kT[heads, :, :visible]  # [heads, rows, visible]
             if stop - start > 1:  # the block's own keys include some in each row's future
                 scores[:, :, offset + start:visible] += _causal_mask(stop - start)
             scores -= scores.max(axis=-1, keepdims=True)
             np.exp(scores, out=scores)
-            block = np.matmul(scores, v[heads, :visible], out=out[heads, start:stop])
+            block = np.matmul(scores[:, :, before:], v[heads, :visible - before], out=out[heads, start:stop])
+            at = 0
+            for _, v_i in runs[:-1]:
+                block += scores[:, :, at:at + v_i.shape[1]] @ v_i[heads]
+                at += v_i.shape[1]
             block /= scores.sum(axis=-1, keepdims=True)
     return out
 
@@ -209,18 +264,20 @@ def mha(x: np.ndarray, p: Block, n_head: int, segments: list[Segment], layer: in
     out = np.empty((N, E), dtype=np.float32)
     for rows, cache, borrow in segments:
         T, start = rows.stop - rows.start, cache.length
+        own = start - cache.shared  # where the new positions go in the cache's own arrays
         kT, v = cache.kT[layer], cache.v[layer]
         if borrow is not None:  # the lender's segment came first: its positions of this layer are written
-            lender, n = borrow
-            kT[:, :, :n] = lender.kT[layer][:, :, :n]
-            v[:, :n] = lender.v[layer][:, :n]
+            lender, n = borrow  # the shared ones are the same runs (`Engine._lend`); the rest are copied
+            kT[:, :, :n - cache.shared] = lender.kT[layer][:, :, :n - cache.shared]
+            v[:, :n - cache.shared] = lender.v[layer][:, :n - cache.shared]
         q = qkv[rows, 0].transpose(1, 0, 2)  # [H, T, D]
         q *= np.float32(1.0 / np.sqrt(D))
-        kT[:, :, start:start + T] = qkv[rows, 1].transpose(1, 2, 0)
-        v[:, start:start + T] = qkv[rows, 2].transpose(1, 0, 2)
+        kT[:, :, own:own + T] = qkv[rows, 1].transpose(1, 2, 0)
+        v[:, own:own + T] = qkv[rows, 2].transpose(1, 0, 2)
         # The heads' outputs land straight in their columns of `out`, [T, H·D] seen as [H, T, D].
         heads_out = out[rows].reshape(T, n_head, D).transpose(1, 0, 2)
-        attention(q, kT[:, :, :start + T], v[:, :start + T], start, out=heads_out)
+        runs = [(p_kT[layer], p_v[layer]) for p_kT, p_v in cache.prefix] + [(kT[:, :, :own + T], v[:, :own + T])]
+        attention(q, runs, start, out=heads_out)
     return linear(out, p.attn_proj)
 
 

@@ -14,14 +14,16 @@ the longest common start of any cached block that follows the same parent (a par
 one): the 4 choices of a multiple-choice item share their context up to its last token, not only
 up to its last full block. (vLLM reuses full blocks only.)
 
-A sequence reuses all its cached positions but the last one, which it computes again: that
-position's logits are what its first new position (or generated token) needs, and computing them
-keeps every logit a cache hit reports one that a forward pass produced. Blocks are copied into the
-sequence's own cache, so a block is in use only while it is copied; the least recently used go
-first when the cache is over its byte budget. The blocks a sequence adds share one allocation (a
-`Segment`), so that a later prompt copies a run of them in one piece: with keys stored
-transposed, block by block would be 64-byte pieces. A segment is freed with its last block, and
-its survivors move out once it is more than half unused, so the budget counts what is allocated.
+A sequence reuses all its cached positions, but computes the last one again when it needs that
+position's logits: when the whole prompt is cached (they choose the first token) and when it
+scores its prompt (the record holds the logit of the cached next token, not of its own). So every
+logit a cache hit reports is one that a forward pass produced. A sequence reads its
+reused positions where they lie (`KVCache.share`): no copy, as a segment is never written after it
+is made. The least recently used blocks go first when the cache is over its byte budget; an evicted
+block's memory lives on only while running sequences still read it. The blocks a sequence adds
+share one allocation (a `Segment`), so that a later prompt reads a run of them as one piece, in
+one product per layer: with keys stored transposed, block by block would be 64-byte pieces. A
+segment is freed with its last block, and its survivors move out once it is more than half unused, so the budget counts what is allocated.
 """
 
 from __future__ import annotations

@@ -148,17 +148,20 @@ class SequenceState:
     def cancel(self) -> None:
         self.cancelled = True
 
-    def admit(self) -> None:
-        """Take a place in the batch: allocate the cache for the prompt and every new token."""
+    def admit(self, prefix: list[tuple[np.ndarray, np.ndarray]] = ()) -> None:
+        """Take a place in the batch: allocate the cache for the prompt and every new token. The
+        prompt's first positions may be `prefix`, runs of keys and values read in place
+        (`KVCache.share`): the cache's own arrays then hold only the rest."""
         self.admitted_at = time.perf_counter()
         self.result.queue_s = self.admitted_at - self.submitted_at
-        self._new_cache(len(self.pending))
+        self._new_cache(len(self.pending), prefix)
 
-    def _new_cache(self, n_ids: int) -> None:
+    def _new_cache(self, n_ids: int, prefix: list[tuple[np.ndarray, np.ndarray]] = ()) -> None:
         left = self.options.n_tokens - len(self.result.ids)
-        capacity = min(self.config.n_positions, n_ids + left)
+        own = min(self.config.n_positions, n_ids + left) - sum(v.shape[2] for _, v in prefix)
         self._release_cache()
-        self.cache = KVCache(self.config, capacity) if self.kv_pool is None else self.kv_pool.take(capacity)
+        self.cache = KVCache(self.config, own) if self.kv_pool is None else self.kv_pool.take(own)
+        self.cache.share(prefix)
 
     def _release_cache(self) -> None:
         if self.cache is not None and self.kv_pool is not None:

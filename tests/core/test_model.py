@@ -61,6 +61,31 @@ def test_kv_cache_equals_full_recompute(small_model_dir):
     np.testing.assert_allclose(np.concatenate(rows), full, rtol=0, atol=1e-5 * max(1, np.abs(full).max()))
 
 
+def test_a_shared_prefix_read_in_place_equals_own_positions(small_model_dir):
+    """A cache that begins with runs of another array's positions (`KVCache.share`, as a prefix
+    cache hit reads them) gives the logits of one that computed them, in prompt blocks and in
+    decode steps; `positions` reads them back across the runs."""
+    model = gpt2np.load(small_model_dir)
+    P, C = model.params, model.config
+    ids = np.array((model.encode(PROMPT) * 3)[:C.n_positions])
+    full = M.KVCache(C, len(ids))
+    expected = M.forward(P, C, ids, full, all_logits=True)
+    n = len(ids) - 9
+    runs = [(full.kT[..., a:b].copy(), full.v[:, :, a:b].copy()) for a, b in ((0, 5), (5, 6), (6, n))]
+    cache = M.KVCache(C, len(ids) - n)
+    cache.share(runs)
+    assert (cache.length, cache.shared, cache.capacity) == (n, n, len(ids))
+    got = np.concatenate([M.forward(P, C, ids[n:n + 6], cache, all_logits=True),
+                          *(M.forward(P, C, ids[j:j + 1], cache, all_logits=True) for j in range(n + 6, len(ids)))])
+    np.testing.assert_allclose(got, expected[n:], rtol=0, atol=1e-5 * max(1, np.abs(expected).max()))
+    kT, v = cache.positions(3, len(ids))  # the shared ones as they are, the own ones as computed again
+    np.testing.assert_array_equal(kT[..., :n - 3], full.kT[..., 3:n])
+    np.testing.assert_array_equal(v[:, :, :n - 3], full.v[:, :, 3:n])
+    np.testing.assert_allclose(kT[..., n - 3:], full.kT[..., n:len(ids)], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(v[:, :, n - 3:], full.v[:, :, n:len(ids)], rtol=0, atol=1e-4)
+    assert [r[1].shape[2] for r in M.first_positions(runs, 5 + 1 + 2)] == [5, 1, 2]
+
+
 def test_every_intermediate_is_float32(small_model_dir, monkeypatch):
     model = gpt2np.load(small_model_dir)
     seen = []

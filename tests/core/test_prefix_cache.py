@@ -104,11 +104,28 @@ def test_sequences_admitted_together_compute_a_shared_prefix_once(model, monkeyp
     assert [r.cached_tokens for r in results] == [0, 48, 48]
 
 
+def test_a_lender_that_read_part_of_its_prefix_from_the_cache_lends_both_parts(model):
+    """The cache holds the first 20 tokens of an item's context: its first prompt reads them in
+    place and computes the rest; the others read those 19 in place too and borrow the rest from
+    it in the same pass. Scores equal the cold ones."""
+    prompts = multiple_choice(np.random.default_rng(9))
+    scoring = Options(n_tokens=0, prompt_logprobs=2)
+    cold, _ = run(model, prompts, scoring)
+    cache = model.prefix_cache(64)
+    run(model, [prompts[0][:20]], scoring, cache)
+    warm, _ = run(model, prompts, scoring, cache)
+    assert [r.cached_tokens for r in warm] == [19, 44, 44, 44]
+    for a, b in zip(cold, warm):
+        np.testing.assert_allclose(a.prompt_logprobs[1:], b.prompt_logprobs[1:], rtol=0, atol=1e-5)
+        assert [list(t) for t in a.prompt_top_logprobs[1:]] == [list(t) for t in b.prompt_top_logprobs[1:]]
+
+
 def test_different_salts_never_share(model):
     prompts = multiple_choice(np.random.default_rng(4))
     cache = model.prefix_cache(64)
     results, _ = run(model, prompts, Options(n_tokens=1), cache, salts=["a", "b", "a", None])
-    assert [r.cached_tokens for r in results] == [0, 0, 44, 0]
+    # The whole 45-token context: a generating prompt that goes on past it does not need its last logits.
+    assert [r.cached_tokens for r in results] == [0, 0, 45, 0]
 
 
 def test_the_byte_budget_holds_and_the_least_recent_goes_first(model):

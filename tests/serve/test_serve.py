@@ -415,6 +415,33 @@ def test_an_idle_engine_gathers_requests_sent_together_into_one_step(model, monk
     assert [seq.result.cached_tokens for (seq, *_), in events] == [0, 39]
 
 
+def test_a_generating_request_does_not_wait_to_gather(model, monkeypatch):
+    """Only prompts being scored come in bursts worth gathering: a request that generates starts
+    at once (its time to first token), even with a long window."""
+    import asyncio
+
+    import gpt2np.serve.worker as W
+    from gpt2np.serve.metrics import Metrics
+
+    monkeypatch.setattr(W, "GATHER_S", 5.0)
+    engine = model.engine(max_batch=8, prefix_cache=8)
+    worker = W.EngineWorker(engine, max_queue=8, metrics=Metrics())
+    worker.start()
+
+    async def run():
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        start = time.perf_counter()
+        worker.submit([engine.sequence(list(range(100, 140)), gpt2np.Options(n_tokens=1))], loop, queue)
+        await asyncio.wait_for(queue.get(), 10)
+        return time.perf_counter() - start
+
+    try:
+        seconds = asyncio.run(run())
+    finally:
+        worker.stop()
+    assert seconds < 2.5  # half the window: it did not wait for it
+
+
 def test_engine_failure_ends_every_request_it_holds(model):
     import asyncio
 

@@ -22,7 +22,7 @@ from .metrics import Metrics
 
 log = logging.getLogger("gpt2np.serve")
 
-GATHER_S = 0.003  # how long an idle engine waits for more requests before its first step
+GATHER_S = 0.003  # how long an idle engine waits for more scoring requests before its first step
 
 Update = tuple[SequenceState, "int | None", str, str, "str | None"]
 """An engine event as the handlers get it: (sequence, token or None, text, the token's own text,
@@ -95,8 +95,12 @@ class EngineWorker:
                         self._lock.wait()
                     # Requests sent together reach the engine a few ms apart (each is parsed in
                     # turn): gather them into one first step (the choices of one item then read
-                    # their shared context in one pass). Only an idle engine waits.
-                    deadline = time.monotonic() + GATHER_S
+                    # their shared context in one pass). Only an idle engine waits, and only for
+                    # prompts scored (lm-eval's loglikelihood requests, sent in bursts): a generating
+                    # request's first token does not wait, and a prompt sharing its prefix that
+                    # comes a moment later reads it from its pass (`Engine._reader`), not again.
+                    gather = any(s.scoring for s, _ in self._inbox)
+                    deadline = time.monotonic() + (GATHER_S if gather else 0)
                     while not self._stop and (left := deadline - time.monotonic()) > 0:
                         self._lock.wait(left)
                 if self._stop:
