@@ -37,7 +37,7 @@ from .sequence import SequenceState
 from .tokenizer import Tokenizer
 
 KV_POOL_BYTES = 256 * 2**20  # at most this much of finished sequences' caches is kept for reuse
-SCORE_ROWS = 256  # prompt logits for scoring are made this many rows at a time: [256, 50257] is 51 MB
+SCORE_ROWS = 384  # prompt logits for scoring are made at most this many rows at a time: [384, 50257] is 77 MB
 
 
 class Event(NamedTuple):
@@ -245,22 +245,20 @@ class Engine:
             for (s, n), h in zip(batch, hidden):
                 scored.append((s, h, s.cache.length - n))
                 s.pending = s.pending[n:]
-            self._score([job for job in scored if job[0].scoring], events)
+            ready = [s for s, _, _ in scored if len(s.pending) == 0]
+            # The last positions of those that now choose a token: their logits come from the
+            # scoring product (one LM head product serves them all).
+            choosing = [h[-1:] for s, h, _ in scored if len(s.pending) == 0 and s.options.n_tokens]
+            rows = self._score([job for job in scored if job[0].scoring], events,
+                               np.concatenate(choosing) if choosing else None)
             for s, _ in batch:
                 if s.lender is not None:
                     _guarded(s, events, "reading a shared prompt", self._take_lent, s)
-            ready = []
-            for s, h, _ in scored:
-                if s.done:  # its scoring failed
-                    continue
-                if s.fresh and len(s.pending) == 0 and self.prefix_cache is not None:
+            for s in ready:
+                if s.fresh and not s.done and self.prefix_cache is not None:
                     _guarded(s, events, "caching the prompt", self._cache_prompt, s)
-                if len(s.pending) == 0:
-                    ready.append((s, h[-1:]))
-            choosing = [h for s, h in ready if s.options.n_tokens]  # a prompt only scored needs no logits
             logits = norms = iter(())
-            if choosing:  # one LM head product serves them all
-                rows = lm_head(self.params, np.concatenate(choosing))
+            if rows is not None:
                 logits, norms = iter(rows), zip(*log_normalizers(rows))
         except Exception as e:  # noqa: BLE001 -- a failed pass fails its sequences, never the loop
             for s, _ in batch:
@@ -268,8 +266,10 @@ class Engine:
                     s.fail(f"the forward pass failed: {type(e).__name__}: {e}")
                     events.append(Event(s))
             return
-        for s, _ in ready:
+        for s in ready:
             row, norm = (next(logits), next(norms)) if s.options.n_tokens else (None, None)
+            if s.done:  # its scoring failed
+                continue
             ok, chosen = _guarded(s, events, "choosing a token", s.accept, row, norm)
             if ok:
                 events.append(Event(s, *chosen))
@@ -292,35 +292,49 @@ class Engine:
                 batch.append((s, n))
         return batch
 
-    def _score(self, jobs: list[tuple[SequenceState, np.ndarray, int]], events: list[Event]) -> None:
+    def _score(self, jobs: list[tuple[SequenceState, np.ndarray, int]], events: list[Event],
+               also: np.ndarray | None = None) -> np.ndarray | None:
         """Score the prompt positions just read by each scoring sequence (`jobs`: the sequence, its
-        hidden states, the position of their first row). The LM head runs only over the rows that
-        score, of every sequence together, `SCORE_ROWS` rows per product: a step that reads the
-        short tails of several prompts makes one product, not one each."""
-        chunk: list[tuple[SequenceState, int, np.ndarray]] = []
-        room = SCORE_ROWS
-        for s, h, first in jobs:
-            rows = s.score_rows(first, len(h))
-            h, position = h[rows], first + rows.start
+        hidden states, the position of their first row); return the logits of the hidden states
+        `also` [n, E], made in the same products. The LM head runs only over the rows that score,
+        of every sequence together, in products of equal size up to `SCORE_ROWS` rows: a step that
+        reads the short tails of several prompts makes one product, not one each."""
+        jobs = [(s, h[rows], first + rows.start) for s, h, first in jobs for rows in [s.score_rows(first, len(h))]]
+        if also is not None:
+            jobs.append((None, also, 0))
+        total = sum(len(h) for _, h, _ in jobs)
+        # Equal products: the LM head costs twice as much a row at 64 rows as at 256 or more.
+        size = -(-total // -(-total // SCORE_ROWS)) if total else 0
+        chunk: list[tuple[SequenceState | None, int, np.ndarray]] = []
+        room, rows = size, []
+        for s, h, position in jobs:
             while len(h):
                 chunk.append((s, position, h[:room]))
                 taken = len(chunk[-1][2])
                 h, position, room = h[taken:], position + taken, room - taken
                 if room == 0:
-                    self._score_chunk(chunk, events)
-                    chunk, room = [], SCORE_ROWS
+                    rows += self._score_chunk(chunk, events)
+                    chunk, room = [], size
         if chunk:
-            self._score_chunk(chunk, events)
+            rows += self._score_chunk(chunk, events)
+        return None if also is None else np.concatenate(rows) if len(rows) > 1 else rows[0]
 
-    def _score_chunk(self, chunk: list[tuple[SequenceState, int, np.ndarray]], events: list[Event]) -> None:
+    def _score_chunk(self, chunk: list[tuple[SequenceState | None, int, np.ndarray]],
+                     events: list[Event]) -> list[np.ndarray]:
+        """One LM head product over the chunk's rows: the sequences' scored, and the logits of the
+        rows of no sequence (`_score`'s `also`) returned."""
         logits = lm_head(self.params, np.concatenate([h for _, _, h in chunk]) if len(chunk) > 1 else chunk[0][2])
-        row = 0
+        row, out = 0, []
         for s, position, h in chunk:
-            if s.lender is not None and not s.done:  # the lent positions' scores come first
-                _guarded(s, events, "reading a shared prompt", self._take_lent, s)
-            if not s.done:
-                _guarded(s, events, "scoring the prompt", s.score_prompt, logits[row:row + len(h)], position)
+            if s is None:
+                out.append(logits[row:row + len(h)])
+            else:
+                if s.lender is not None and not s.done:  # the lent positions' scores come first
+                    _guarded(s, events, "reading a shared prompt", self._take_lent, s)
+                if not s.done:
+                    _guarded(s, events, "scoring the prompt", s.score_prompt, logits[row:row + len(h)], position)
             row += len(h)
+        return out
 
     # ------------------------------------------------------------------------ the prefix cache
     def _cacheable(self, s: SequenceState) -> bool:
