@@ -179,6 +179,49 @@ def decode_vs_stack(model, ctx: int, steps: int) -> dict:
     return {"context": ctx, "ms_per_token": d, "stack_ms": s, "fraction_of_stack": s / d}
 
 
+def step_products(p: M.Params, rows: int):
+    """The bare weight products of one decode step of `rows` sequences: the 48 (or more) matrices
+    and the LM head, in the forms the model takes them (`model.matmul`), and nothing else."""
+    E = p.wte.shape[1]
+    x = np.full((rows, E), 0.01, np.float32)
+    h = np.full((rows, p.blocks[0].c_fc.w.shape[1]), 0.01, np.float32)
+
+    def run():
+        for b in p.blocks:
+            M.matmul(x, b.c_attn.w)
+            M.matmul(x, b.attn_proj.w)
+            M.matmul(x, b.c_fc.w)
+            M.matmul(h, b.mlp_proj.w)
+        M.matmul(x, p.wte.T)
+    return run
+
+
+def batched_steps(model, seqs: int, ctx: int, steps: int) -> dict:
+    """Engine decode steps of `seqs` sequences at context `ctx` (every one decoding, greedy),
+    each timed right after the bare products at `seqs` rows (`step_products`): the step's
+    overhead over its floor, measured side by side."""
+    engine = model.engine(max_batch=seqs)
+    for b in range(seqs):
+        engine.add([(97 * b + i) % 50000 for i in range(ctx)], gpt2np.Options(n_tokens=steps + 2, stop_at_eos=False))
+    while any(s.reading or not s.result.ids for s in engine.running) or engine.waiting:
+        engine.step()  # the prompts, and each sequence's first token
+    products = step_products(model.params, seqs)
+    products()
+    step_t, products_t = [], []
+    for _ in range(steps):
+        t = time.perf_counter()
+        products()
+        products_t.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        engine.step()
+        step_t.append(time.perf_counter() - t)
+    engine.cancel_all()
+    engine.run()
+    st, pr = statistics.median(step_t) * 1000, statistics.median(products_t) * 1000
+    return {"sequences": seqs, "context": ctx, "step_ms": st, "products_ms": pr, "step_over_products": st / pr,
+            "tokens_per_s": seqs / st * 1000}
+
+
 def prefill(model, T: int, gemm: float, reps: int) -> dict:
     cfg, p = model.config, model.params
     ids = np.arange(T) % 50000
@@ -316,6 +359,9 @@ def bench_model(name: str, folder: Path, quick: bool) -> dict:
     r["decode"] = [decode_vs_stack(model, ctx, steps) for ctx in (16, 128, 256, 512, 768, 1000)]
     r["stack_ms"] = statistics.median(d["stack_ms"] for d in r["decode"])
     r["prefill"] = [prefill(model, T, r["gemm_gflops"], max(2, reps // 2)) for T in (16, 128, 512, 1024)]
+    if name == "124M":
+        r["batched_steps"] = [batched_steps(model, seqs, ctx, 6 if quick else 16)
+                              for ctx in (64, 512) for seqs in (1, 2, 4, 8, 16, 32, 64)]
     r["batch"] = batch_throughput(model)
     r["startup_s"] = startup(folder, reps)
     r["peak_rss_bytes"] = peak_rss(folder, 512, 64 if quick else 256)
@@ -377,6 +423,13 @@ def markdown(env: dict, results: list[dict], tok: dict, plotted: bool) -> str:
                   "| ---: | ---: | ---: | ---: | ---: |"]
         lines += [f"| {p['tokens']} | {p['seconds']:.3f} | {p['tokens_per_s']:.0f} | {p['gflops']:.0f} | "
                   f"{p['fraction_of_gemm']:.0%} |" for p in r["prefill"]]
+        if r.get("batched_steps"):
+            lines += ["", "Decode steps of many sequences (the engine, every sequence decoding) against their floor, "
+                      "the bare weight products at as many rows (LM head included), timed one after the other:", "",
+                      "| sequences | context | step ms | products ms | step / products | tokens/s |",
+                      "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+            lines += [f"| {b['sequences']} | {b['context']} | {b['step_ms']:.1f} | {b['products_ms']:.1f} | "
+                      f"{b['step_over_products']:.2f}x | {b['tokens_per_s']:.0f} |" for b in r["batched_steps"]]
         rss, size = r["peak_rss_bytes"], r["file_bytes"]
         lines += ["", f"- Start-up, fresh `gpt-run` to first token (10-token prompt, weights in page cache): "
                       f"{r['startup_s']:.3f} s; model + tokenizer load alone: {r['load_s'] * 1000:.0f} ms.",
