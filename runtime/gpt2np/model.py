@@ -172,7 +172,7 @@ def matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [N, in] @ [in, out] -
         for i in range(n):
             np.matmul(x[i], w, out=out[i])
         return out
-    return (w.T @ x.T).T
+    return np.ascontiguousarray((w.T @ x.T).T)
 
 
 _GEMV_ROWS = 3
@@ -257,10 +257,13 @@ class Segment(NamedTuple):
 def mha(x: np.ndarray, p: Block, n_head: int, segments: list[Segment], layer: int) -> np.ndarray:
     """Multi-head self-attention, [N, E] -> new [N, E]. Writes each segment's new keys and values
     into its cache (at positions cache.length onwards; `transformer` advances the lengths after
-    the last layer). The queries are scaled in place in the fresh Q, K, V product."""
+    the last layer). The queries are scaled in place in the fresh Q, K, V product. Each segment's
+    attention is its own (its own cache); when decoding, that per-sequence work is most of what
+    a step adds to its weight products (`make bench` measures it), so this loop stays lean."""
     N, E = x.shape
     D = E // n_head
     qkv = linear(x, p.c_attn).reshape(N, 3, n_head, D)  # one fused matmul for Q, K and V
+    qkv[:, 0] *= np.float32(1.0 / np.sqrt(D))  # the queries of every segment, scaled in one pass
     out = np.empty((N, E), dtype=np.float32)
     for rows, cache, borrow in segments:
         T, start = rows.stop - rows.start, cache.length
@@ -271,7 +274,6 @@ def mha(x: np.ndarray, p: Block, n_head: int, segments: list[Segment], layer: in
             kT[:, :, :n - cache.shared] = lender.kT[layer][:, :, :n - cache.shared]
             v[:, :n - cache.shared] = lender.v[layer][:, :n - cache.shared]
         q = qkv[rows, 0].transpose(1, 0, 2)  # [H, T, D]
-        q *= np.float32(1.0 / np.sqrt(D))
         kT[:, :, own:own + T] = qkv[rows, 1].transpose(1, 2, 0)
         v[:, own:own + T] = qkv[rows, 2].transpose(1, 0, 2)
         # The heads' outputs land straight in their columns of `out`, [T, H·D] seen as [H, T, D].
@@ -327,8 +329,12 @@ def transformer(params: Params, config: GPT2Config, batch: list[tuple[np.ndarray
 
 
 def lm_head(params: Params, h: np.ndarray) -> np.ndarray:  # [N, E] -> [N, V]
-    """Logits from final hidden states: the LM head is the token embedding matrix (tied)."""
-    return matmul(h, params.wte.T)
+    """Logits from final hidden states: the LM head is the token embedding matrix (tied).
+
+    Row-major logits for more than `_GEMV_ROWS` rows (x @ w, which costs what (wᵀ·xᵀ)ᵀ does at
+    the LM head's shape): every later pass over them (log-normalizers, argmax, top alternatives)
+    goes row by row, and on (wᵀ·xᵀ)ᵀ's column-major result those passes were 5x slower."""
+    return matmul(h, params.wte.T) if len(h) <= _GEMV_ROWS else h @ params.wte.T
 
 
 def forward(params: Params, config: GPT2Config, ids: np.ndarray, cache: KVCache,
