@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,45 +33,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench import blas_info, cpu_name, make_model, save_results  # noqa: E402
-from serve_bench import Server  # noqa: E402
+from serve_bench import VLLM, Server  # noqa: E402
 
 
 class _Skip(Exception):
     pass
-
-
-class VLLM:
-    """vLLM's OpenAI server (its CPU build, in its own venv), as ../shared/PERF-NOTES.md runs it."""
-
-    def __init__(self, python: Path, model_dir: Path, port: int = 8012):
-        venv = python.parent.parent
-        iomp = next(venv.rglob("libiomp5.so"), None)
-        preload = " ".join(p for p in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", str(iomp or ""))
-                           if p and Path(p).exists())
-        env = {**os.environ, "LD_PRELOAD": preload, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "0-1",
-               "HF_HUB_OFFLINE": "1"}
-        self.name, self.url = "124M", f"http://127.0.0.1:{port}"
-        self.log = open(ROOT / "bench" / "results" / "vllm.log.tmp", "w")
-        self.proc = subprocess.Popen([str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-                                      "--served-model-name", self.name, "--port", str(port), "--dtype", "float32",
-                                      "--max-model-len", "1024"], stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(2)
-        self.stop()
-        raise RuntimeError("vLLM did not start (see bench/results/vllm.log.tmp)")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 async def requests_at(server, bodies: list[dict], concurrency: int) -> tuple[float, list[dict]]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -57,6 +59,55 @@ class Server:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=60)
+
+
+class VLLM:
+    """vLLM's OpenAI server (its CPU build, in its own venv), as ../shared/PERF-NOTES.md runs it."""
+
+    def __init__(self, python: Path, model_dir: Path, port: int = 8012):
+        venv = python.parent.parent
+        iomp = next(venv.rglob("libiomp5.so"), None)
+        preload = " ".join(p for p in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", str(iomp or ""))
+                           if p and Path(p).exists())
+        env = {**os.environ, "LD_PRELOAD": preload, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "0-1",
+               "HF_HUB_OFFLINE": "1"}
+        self.name, self.url = "124M", f"http://127.0.0.1:{port}"
+        self.log = open(ROOT / "bench" / "results" / "vllm.log.tmp", "w")
+        self.proc = subprocess.Popen([str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+                                      "--served-model-name", self.name, "--port", str(port), "--dtype", "float32",
+                                      "--max-model-len", "1024"], stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        self.stop()
+        raise RuntimeError("vLLM did not start (see bench/results/vllm.log.tmp)")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants (vLLM runs its engine in a child)."""
+    rows = [tuple(map(int, line.split())) for line in
+            subprocess.run(["ps", "-e", "-o", "pid=,ppid=,rss="], capture_output=True, text=True).stdout.splitlines()
+            if line.strip()]
+    tree, grew = {pid}, True
+    while grew:
+        grew = False
+        for p, parent, _ in rows:
+            if parent in tree and p not in tree:
+                tree.add(p)
+                grew = True
+    return sum(rss for p, _, rss in rows if p in tree) / 1024
 
 
 async def stream_one(client: httpx.AsyncClient, server: Server, prompt, max_tokens: int) -> dict:
@@ -122,6 +173,44 @@ async def long_prompt_joins(server: Server, model, running: int, max_tokens: int
             "errors": sum(r["error"] is not None for r in [*results, long])}
 
 
+async def lone_ttft(server, seed: int, tokens: int = 1000) -> float:
+    """Seconds to the first streamed token of a lone prompt of random ids (new ones each time, so
+    that no prefix cache helps)."""
+    rng = np.random.default_rng(seed)
+    async with httpx.AsyncClient(timeout=600) as client:
+        r = await stream_one(client, server, [int(i) for i in rng.integers(0, 50000, tokens)], 1)
+    return r["times"][0] - r["sent"]
+
+
+def beside_vllm(server: Server, vllm, model, clients: list[int], requests: int, max_tokens: int,
+                rounds: int = 3) -> dict:
+    """The same streaming loads on gpt-serve and vLLM, alternating server by server and round by
+    round (medians of `rounds`), a lone 1000-token prompt's first token on each (and the
+    in-process `logits` time for such a prompt), and each server's resident memory after."""
+    runs: dict[str, dict[int, list[float]]] = {"gpt-serve": {c: [] for c in clients}, "vllm": {c: [] for c in clients}}
+    ttft: dict[str, list[float]] = {"gpt-serve": [], "vllm": []}
+    for r in range(rounds):
+        for c in clients:
+            for name, s in (("gpt-serve", server), ("vllm", vllm)):
+                runs[name][c].append(asyncio.run(load(s, c, requests, max_tokens))["tokens_per_s"])
+                print(f"  round {r}, {c} clients, {name}: {runs[name][c][-1]:.1f} tokens/s", file=sys.stderr)
+        for name, s in (("gpt-serve", server), ("vllm", vllm)):
+            ttft[name].append(asyncio.run(lone_ttft(s, seed=100 + r)))
+    ids = np.random.default_rng(7).integers(0, 50000, 1000)
+    logits_s = min(_timed(lambda: model.logits(ids)) for _ in range(3))
+    return {"rounds": rounds,
+            "tokens_per_s": {name: {c: statistics.median(v) for c, v in per.items()} for name, per in runs.items()},
+            "rounds_tokens_per_s": runs,
+            "lone_ttft_s": {name: statistics.median(v) for name, v in ttft.items()}, "in_process_logits_s": logits_s,
+            "rss_mb": {"gpt-serve": tree_rss_mb(server.proc.pid), "vllm": tree_rss_mb(vllm.proc.pid)}}
+
+
+def _timed(f) -> float:
+    start = time.perf_counter()
+    f()
+    return time.perf_counter() - start
+
+
 def in_process(model, max_tokens: int, reps: int = 3) -> float:
     """Tokens/s of `GPT2.complete` in this process, same prompt and length: the best of reps."""
     best = 0.0
@@ -160,6 +249,26 @@ def report(res: dict) -> str:
               f"over their whole run p50 {j['itl_run_p50_ms']:.1f} ms, p99 {j['itl_run_p99_ms']:.1f} ms "
               f"({j['itl_run_p99_ms'] / j['itl_run_p50_ms']:.2f}x). The long prompt's first token came after "
               f"{j['long_ttft_s']:.2f} s. Errors: {j['errors']}."]
+    v = res.get("vllm")
+    if v is None:
+        lines += ["", "vLLM's CPU build was not installed: no comparison in this run."]
+        return "\n".join(lines) + "\n"
+    ours, theirs = v["tokens_per_s"]["gpt-serve"], v["tokens_per_s"]["vllm"]
+    goals = {1: 1.15, 4: 0.55, 8: 0.65, 16: 0.8}
+    lines += ["", "## Beside vLLM's CPU build (0.32.0, 2 OpenMP threads), the same loads", "",
+              f"Both servers up at once, the loads alternating server by server in {v['rounds']} rounds; medians.", "",
+              "| concurrent clients | gpt-serve tokens/s | vLLM tokens/s | ratio | goal |", "| ---: | ---: | ---: | ---: | ---: |"]
+    for c in ours:
+        goal = goals.get(int(c))
+        lines.append(f"| {c} | {ours[c]:.1f} | {theirs[c]:.1f} | {ours[c] / theirs[c]:.2f}x | "
+                     f"{f'>= {goal}x' if goal else ''} |")
+    t, rss = v["lone_ttft_s"], v["rss_mb"]
+    lines += ["", f"- A lone 1000-token prompt's first token: gpt-serve {t['gpt-serve']:.2f} s, vLLM {t['vllm']:.2f} s "
+              f"({t['gpt-serve'] / t['vllm']:.2f}x vLLM's; goal <= 1.3x); in-process `logits` for such a prompt "
+              f"{v['in_process_logits_s']:.2f} s (gpt-serve's first token is {t['gpt-serve'] / v['in_process_logits_s']:.2f}x "
+              "it; goal <= 1.05x).",
+              f"- Resident memory after the loads: gpt-serve {rss['gpt-serve']:.0f} MB, vLLM {rss['vllm']:.0f} MB "
+              f"({rss['gpt-serve'] / rss['vllm']:.2f} of vLLM's; goal <= 1/4)."]
     return "\n".join(lines) + "\n"
 
 
@@ -170,6 +279,9 @@ def main() -> None:
     ap.add_argument("--clients", default="1,4,8,16")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--server-args", default="", help="more gpt-serve flags, e.g. '--prefill-chunk 32'")
+    ap.add_argument("--vllm-python", type=Path, default=Path("/tmp/venv-vllm/bin/python"),
+                    help="vLLM's venv python: the same loads beside vLLM's CPU build (skipped when absent)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds beside vLLM (medians)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--model-cache", type=Path, default=ROOT / "bench" / ".models")
     a = ap.parse_args()
@@ -192,6 +304,14 @@ def main() -> None:
             res["load"].append(r)
         res["long_prompt"] = asyncio.run(long_prompt_joins(server, model, 4, 200))
         print(f"long prompt joins: {res['long_prompt']}", file=sys.stderr)
+        if a.vllm_python.exists():
+            vllm = VLLM(a.vllm_python, folder)
+            try:
+                asyncio.run(load(vllm, 1, 1, 8))
+                res["vllm"] = beside_vllm(server, vllm, model, list(map(int, a.clients.split(","))), a.requests,
+                                          a.tokens, a.rounds)
+            finally:
+                vllm.stop()
     finally:
         server.stop()
     after = in_process(model, a.tokens)

@@ -162,7 +162,8 @@ def matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [N, in] @ [in, out] -
     product itself (on a SkylakeX-kernel machine, the 48 matrices of 124M took 13.7 ms at 1 row and
     41.7 at 2, with the forms below timed side by side in one run). So: one row is a gemv; 2-3 rows
     are a gemv each (22 and 28 ms); up to `_SMALL` rows, the product is taken as (wᵀ·xᵀ)ᵀ, where
-    sgemm packs the few rows instead (31 ms at 2 rows, 35 at 8, 49 at 32); beyond, x @ w.
+    sgemm packs the few rows instead (31 ms at 2 rows, 35 at 8, 49 at 32), then copied into
+    row-major order (the later passes go row by row); beyond, x @ w.
     """
     n = x.shape[0]
     if n == 1 or n > _SMALL:
@@ -331,10 +332,10 @@ def transformer(params: Params, config: GPT2Config, batch: list[tuple[np.ndarray
 def lm_head(params: Params, h: np.ndarray) -> np.ndarray:  # [N, E] -> [N, V]
     """Logits from final hidden states: the LM head is the token embedding matrix (tied).
 
-    Row-major logits for more than `_GEMV_ROWS` rows (x @ w, which costs what (wᵀ·xᵀ)ᵀ does at
-    the LM head's shape): every later pass over them (log-normalizers, argmax, top alternatives)
-    goes row by row, and on (wᵀ·xᵀ)ᵀ's column-major result those passes were 5x slower."""
-    return matmul(h, params.wte.T) if len(h) <= _GEMV_ROWS else h @ params.wte.T
+    Row-major, as every later pass over them (log-normalizers, argmax, top alternatives) goes row
+    by row. Beyond 32 rows x @ w costs what `matmul`'s (wᵀ·xᵀ)ᵀ does at this shape, without the
+    copy into row-major order."""
+    return matmul(h, params.wte.T) if len(h) <= 32 else h @ params.wte.T
 
 
 def forward(params: Params, config: GPT2Config, ids: np.ndarray, cache: KVCache,
