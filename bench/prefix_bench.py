@@ -5,7 +5,8 @@ in one run (random-weight 124M), and vLLM's CPU build beside them when it is ins
   against cold (a new `cache_salt` makes a request cold);
 - an lm-evaluation-harness-shaped loglikelihood workload: items x 4 choices, 200-400-token
   contexts, 1-8-token continuations, sent as lm-eval 0.4 sends them (token ids, `echo: true`,
-  `logprobs: 1`, `max_tokens: 1`, temperature 0), 4 concurrent;
+  `logprobs: 1`, `max_tokens: 1`, temperature 0), 4 concurrent (3 alternating rounds of new items,
+  medians);
 - a few-shot generation workload: an 800-token prefix shared by every request, a 24-token
   question of its own, 8 greedy tokens, 4 concurrent;
 - random prompts that share nothing (200 tokens, 16 greedy tokens, 4 concurrent): what the cache
@@ -99,19 +100,23 @@ def rss_mb(pid: int) -> float:
 
 
 def workloads(on, off, items: int, rounds: int = 3) -> tuple[dict, dict]:
-    """Each workload on both servers, one after the other; the random prompts, whose ratio must
-    be read to a few percent, in `rounds` alternating rounds (medians): these machines drift."""
+    """Each workload on both servers, one after the other. The loglikelihood and random workloads,
+    whose ratios are the targets' margins, run in `rounds` alternating rounds (cache on, off, on,
+    ...; new items each round, so no round reads what an earlier one cached; medians): these
+    machines drift by more than those margins within a run."""
     res = {"on": {}, "off": {}}
-    for name, bodies in (("loglikelihood", loglikelihood_bodies(items)), ("few_shot", few_shot_bodies(24)),
-                         *((f"random{r}", random_bodies(24, seed=2 + r)) for r in range(rounds))):
+    plan = [*((f"loglikelihood{r}", loglikelihood_bodies(items, seed=r)) for r in range(rounds)),
+            ("few_shot", few_shot_bodies(24)), *((f"random{r}", random_bodies(24, seed=2 + r)) for r in range(rounds))]
+    for name, bodies in plan:
         for label, server in (("on", on), ("off", off)):
             seconds, _ = asyncio.run(requests_at(server, bodies, 4))
             res[label][name] = {"requests": len(bodies), "seconds": seconds, "requests_per_s": len(bodies) / seconds}
             print(f"  cache {label}: {name}: {len(bodies)} requests in {seconds:.1f} s", file=sys.stderr)
     for side in res.values():
-        runs = [side.pop(f"random{r}") for r in range(rounds)]
-        side["random"] = {"requests": runs[0]["requests"], "seconds": statistics.median(r["seconds"] for r in runs),
-                          "rounds": [r["seconds"] for r in runs]}
+        for workload in ("loglikelihood", "random"):
+            runs = [side.pop(f"{workload}{r}") for r in range(rounds)]
+            side[workload] = {"requests": runs[0]["requests"], "seconds": statistics.median(r["seconds"] for r in runs),
+                              "rounds": [r["seconds"] for r in runs]}
     return res["on"], res["off"]
 
 
@@ -202,10 +207,12 @@ def report(res: dict) -> str:
                         ("random", "random prompts, nothing shared (200 + 16 tokens)")):
         lines.append(f"| {label} | {on[name]['requests']} | {on[name]['seconds']:.1f} | {off[name]['seconds']:.1f} | "
                      f"{off[name]['seconds'] / on[name]['seconds']:.2f}x |")
-    lines += ["", "The random prompts ran in 3 alternating rounds (cache on, off, on, ...): on "
-              f"{', '.join(f'{x:.1f}' for x in on['random']['rounds'])} s, off "
-              f"{', '.join(f'{x:.1f}' for x in off['random']['rounds'])} s (medians above). Time to first token: "
-              "medians of 5, cold and warm alternating, on one open connection."]
+    lines += [""] + [f"The {label} ran in {len(on[w]['rounds'])} alternating rounds (cache on, off, on, ...): on "
+                     f"{', '.join(f'{x:.1f}' for x in on[w]['rounds'])} s, off "
+                     f"{', '.join(f'{x:.1f}' for x in off[w]['rounds'])} s (medians above)."
+                     for w, label in (("loglikelihood", "loglikelihood items (new items each round)"),
+                                      ("random", "random prompts"))]
+    lines += ["Time to first token: medians of 5, cold and warm alternating, on one open connection."]
     m = res.get("memory")
     lines += [""] if m is None else ["", f"- Memory: after {m['requests']:,} distinct cacheable requests with a {m['budget_mb']:.0f} MB "
                   f"budget, the cache held {m['cache_held_mb']:.1f} MB and the server's RSS went from "

@@ -14,6 +14,7 @@ float64.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -21,6 +22,21 @@ import numpy as np
 
 from .config import GPT2Config
 from .params import Block, LayerNorm, Linear, Params
+
+
+@contextmanager
+def small_pages():
+    """Allocate without NumPy's huge-page hint (a KV cache's arrays). Huge pages buy little for
+    arrays that are written a few positions at a time, and with the kernel's usual `defrag=madvise`
+    a hinted array's first writes may stall in direct compaction: a fresh 75 MB cache took up to
+    140 ms to page in, all inside the step that began its prompt."""
+    hint = getattr(np._core.multiarray, "_set_madvise_hugepage", None)  # NumPy's switch, if it has one
+    before = hint(False) if hint is not None else None
+    try:
+        yield
+    finally:
+        if hint is not None:
+            hint(before)
 
 
 class KVCache:
@@ -40,8 +56,9 @@ class KVCache:
     def __init__(self, config: GPT2Config, capacity: int | None = None):
         capacity = config.n_positions if capacity is None else capacity
         L, H, D = config.n_layer, config.n_head, config.head_dim
-        self.kT = np.empty((L, H, D, capacity), dtype=np.float32)
-        self.v = np.empty((L, H, capacity, D), dtype=np.float32)
+        with small_pages():
+            self.kT = np.empty((L, H, D, capacity), dtype=np.float32)
+            self.v = np.empty((L, H, capacity, D), dtype=np.float32)
         self.length = 0
         self.prefix: list[tuple[np.ndarray, np.ndarray]] = []
         self.shared = 0
@@ -66,7 +83,8 @@ class KVCache:
                 kTs.append(kT[..., a:b])
                 vs.append(v[:, :, a:b])
             at += n
-        return np.concatenate(kTs, axis=3), np.concatenate(vs, axis=2)
+        with small_pages():  # the prefix cache keeps these: see `small_pages`
+            return np.concatenate(kTs, axis=3), np.concatenate(vs, axis=2)
 
 
 def first_positions(runs: list[tuple[np.ndarray, np.ndarray]], n: int) -> list[tuple[np.ndarray, np.ndarray]]:
