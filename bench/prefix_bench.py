@@ -10,7 +10,7 @@ in one run (random-weight 124M), and vLLM's CPU build beside them when it is ins
 - a few-shot generation workload: an 800-token prefix shared by every request, a 24-token
   question of its own, 8 greedy tokens, 4 concurrent;
 - random prompts that share nothing (200 tokens, 16 greedy tokens, 4 concurrent): what the cache
-  costs when it never hits (3 alternating rounds, medians);
+  costs when it never hits (5 alternating rounds, medians);
 - memory: the server's RSS after 10,000 distinct cacheable requests (17 tokens: one block each), against
   its budget.
 
@@ -99,22 +99,23 @@ def rss_mb(pid: int) -> float:
     return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
 
 
-def workloads(on, off, items: int, rounds: int = 3) -> tuple[dict, dict]:
+def workloads(on, off, items: int, rounds: int = 3, random_rounds: int = 5) -> tuple[dict, dict]:
     """Each workload on both servers, one after the other. The loglikelihood and random workloads,
-    whose ratios are the targets' margins, run in `rounds` alternating rounds (cache on, off, on,
-    ...; new items each round, so no round reads what an earlier one cached; medians): these
-    machines drift by more than those margins within a run."""
+    whose ratios are the targets' margins, run in alternating rounds (new items each round, so no
+    round reads what an earlier one cached; the server that goes first alternates too; medians):
+    these machines drift by more than those margins within a run."""
     res = {"on": {}, "off": {}}
     plan = [*((f"loglikelihood{r}", loglikelihood_bodies(items, seed=r)) for r in range(rounds)),
-            ("few_shot", few_shot_bodies(24)), *((f"random{r}", random_bodies(24, seed=2 + r)) for r in range(rounds))]
-    for name, bodies in plan:
-        for label, server in (("on", on), ("off", off)):
+            ("few_shot", few_shot_bodies(24)),
+            *((f"random{r}", random_bodies(24, seed=2 + r)) for r in range(random_rounds))]
+    for i, (name, bodies) in enumerate(plan):
+        for label, server in (("on", on), ("off", off))[::1 if i % 2 == 0 else -1]:
             seconds, _ = asyncio.run(requests_at(server, bodies, 4))
             res[label][name] = {"requests": len(bodies), "seconds": seconds, "requests_per_s": len(bodies) / seconds}
             print(f"  cache {label}: {name}: {len(bodies)} requests in {seconds:.1f} s", file=sys.stderr)
     for side in res.values():
-        for workload in ("loglikelihood", "random"):
-            runs = [side.pop(f"{workload}{r}") for r in range(rounds)]
+        for workload, n in (("loglikelihood", rounds), ("random", random_rounds)):
+            runs = [side.pop(f"{workload}{r}") for r in range(n)]
             side[workload] = {"requests": runs[0]["requests"], "seconds": statistics.median(r["seconds"] for r in runs),
                               "rounds": [r["seconds"] for r in runs]}
     return res["on"], res["off"]
@@ -207,7 +208,7 @@ def report(res: dict) -> str:
                         ("random", "random prompts, nothing shared (200 + 16 tokens)")):
         lines.append(f"| {label} | {on[name]['requests']} | {on[name]['seconds']:.1f} | {off[name]['seconds']:.1f} | "
                      f"{off[name]['seconds'] / on[name]['seconds']:.2f}x |")
-    lines += [""] + [f"The {label} ran in {len(on[w]['rounds'])} alternating rounds (cache on, off, on, ...): on "
+    lines += [""] + [f"The {label} ran in {len(on[w]['rounds'])} alternating rounds (on, off; off, on; ...): on "
                      f"{', '.join(f'{x:.1f}' for x in on[w]['rounds'])} s, off "
                      f"{', '.join(f'{x:.1f}' for x in off[w]['rounds'])} s (medians above)."
                      for w, label in (("loglikelihood", "loglikelihood items (new items each round)"),
