@@ -122,20 +122,34 @@ def copy_bandwidth(reps: int) -> float:
     return 2 * src.nbytes / best(lambda: np.copyto(dst, src), reps) / 1e9
 
 
-def matmul_stack(p: M.Params):
-    """One decode step's weight reads and nothing else: every weight matmul for one row."""
+def matmul_stack(p: M.Params, rows: int = 1):
+    """One decode step's weight products for `rows` sequences and nothing else: every weight
+    matmul and the LM head, in the forms the model takes them (`model.matmul`; at one row, x @ w)."""
     E = p.wte.shape[1]
-    x = np.full((1, E), 0.01, np.float32)
-    h = np.full((1, p.blocks[0].c_fc.w.shape[1]), 0.01, np.float32)
+    x = np.full((rows, E), 0.01, np.float32)
+    h = np.full((rows, p.blocks[0].c_fc.w.shape[1]), 0.01, np.float32)
 
     def run():
         for b in p.blocks:
-            x @ b.c_attn.w
-            x @ b.attn_proj.w
-            x @ b.c_fc.w
-            h @ b.mlp_proj.w
-        x @ p.wte.T
+            M.matmul(x, b.c_attn.w)
+            M.matmul(x, b.attn_proj.w)
+            M.matmul(x, b.c_fc.w)
+            M.matmul(h, b.mlp_proj.w)
+        M.matmul(x, p.wte.T)
     return run
+
+
+def side_by_side(floor, work, runs: int) -> tuple[float, float]:
+    """Median ms of `floor()` and of `work(i)`, each run of work timed right after one of floor."""
+    floor_t, work_t = [], []
+    for i in range(runs):
+        t = time.perf_counter()
+        floor()
+        floor_t.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        work(i)
+        work_t.append(time.perf_counter() - t)
+    return statistics.median(floor_t) * 1000, statistics.median(work_t) * 1000
 
 
 def weight_flops_per_token(config: GPT2Config) -> int:
@@ -167,57 +181,24 @@ def decode_vs_stack(model, ctx: int, steps: int) -> dict:
     M.forward(p, cfg, np.arange(ctx) % 50000, cache)
     stack = matmul_stack(p)
     stack()
-    decode_t, stack_t = [], []
-    for i in range(steps):
-        t = time.perf_counter()
-        stack()
-        stack_t.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        M.forward(p, cfg, np.array([i % 50000]), cache)
-        decode_t.append(time.perf_counter() - t)
-    d, s = statistics.median(decode_t) * 1000, statistics.median(stack_t) * 1000
+    s, d = side_by_side(stack, lambda i: M.forward(p, cfg, np.array([i % 50000]), cache), steps)
     return {"context": ctx, "ms_per_token": d, "stack_ms": s, "fraction_of_stack": s / d}
-
-
-def step_products(p: M.Params, rows: int):
-    """The bare weight products of one decode step of `rows` sequences: the 48 (or more) matrices
-    and the LM head, in the forms the model takes them (`model.matmul`), and nothing else."""
-    E = p.wte.shape[1]
-    x = np.full((rows, E), 0.01, np.float32)
-    h = np.full((rows, p.blocks[0].c_fc.w.shape[1]), 0.01, np.float32)
-
-    def run():
-        for b in p.blocks:
-            M.matmul(x, b.c_attn.w)
-            M.matmul(x, b.attn_proj.w)
-            M.matmul(x, b.c_fc.w)
-            M.matmul(h, b.mlp_proj.w)
-        M.matmul(x, p.wte.T)
-    return run
 
 
 def batched_steps(model, seqs: int, ctx: int, steps: int) -> dict:
     """Engine decode steps of `seqs` sequences at context `ctx` (every one decoding, greedy),
-    each timed right after the bare products at `seqs` rows (`step_products`): the step's
+    each timed right after the bare products at `seqs` rows (`matmul_stack`): the step's
     overhead over its floor, measured side by side."""
     engine = model.engine(max_batch=seqs)
     for b in range(seqs):
         engine.add([(97 * b + i) % 50000 for i in range(ctx)], gpt2np.Options(n_tokens=steps + 2, stop_at_eos=False))
     while any(s.reading or not s.result.ids for s in engine.running) or engine.waiting:
         engine.step()  # the prompts, and each sequence's first token
-    products = step_products(model.params, seqs)
+    products = matmul_stack(model.params, seqs)
     products()
-    step_t, products_t = [], []
-    for _ in range(steps):
-        t = time.perf_counter()
-        products()
-        products_t.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        engine.step()
-        step_t.append(time.perf_counter() - t)
+    pr, st = side_by_side(products, lambda _: engine.step(), steps)
     engine.cancel_all()
     engine.run()
-    st, pr = statistics.median(step_t) * 1000, statistics.median(products_t) * 1000
     return {"sequences": seqs, "context": ctx, "step_ms": st, "products_ms": pr, "step_over_products": st / pr,
             "tokens_per_s": seqs / st * 1000}
 
