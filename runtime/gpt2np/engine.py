@@ -245,16 +245,16 @@ class Engine:
             for (s, n), h in zip(batch, hidden):
                 scored.append((s, h, s.cache.length - n))
                 s.pending = s.pending[n:]
-            ready = [s for s, _, _ in scored if len(s.pending) == 0]
+            ready = [(s, h) for s, h, _ in scored if len(s.pending) == 0]
             # The last positions of those that now choose a token: their logits come from the
             # scoring product (one LM head product serves them all).
-            choosing = [h[-1:] for s, h, _ in scored if len(s.pending) == 0 and s.options.n_tokens]
+            choosing = [h[-1:] for s, h in ready if s.options.n_tokens]
             rows = self._score([job for job in scored if job[0].scoring], events,
                                np.concatenate(choosing) if choosing else None)
             for s, _ in batch:
                 if s.lender is not None:
                     _guarded(s, events, "reading a shared prompt", self._take_lent, s)
-            for s in ready:
+            for s, _ in ready:
                 if s.fresh and not s.done and self.prefix_cache is not None:
                     _guarded(s, events, "caching the prompt", self._cache_prompt, s)
             logits = norms = iter(())
@@ -266,7 +266,7 @@ class Engine:
                     s.fail(f"the forward pass failed: {type(e).__name__}: {e}")
                     events.append(Event(s))
             return
-        for s in ready:
+        for s, _ in ready:
             row, norm = (next(logits), next(norms)) if s.options.n_tokens else (None, None)
             if s.done:  # its scoring failed
                 continue

@@ -17,13 +17,14 @@ up to its last full block. (vLLM reuses full blocks only.)
 A sequence reuses all its cached positions, but computes the last one again when it needs that
 position's logits: when the whole prompt is cached (they choose the first token) and when it
 scores its prompt (the record holds the logit of the cached next token, not of its own). So every
-logit a cache hit reports is one that a forward pass produced. A sequence reads its
-reused positions where they lie (`KVCache.share`): no copy, as a segment is never written after it
-is made. The least recently used blocks go first when the cache is over its byte budget; an evicted
+logit a cache hit reports is one that a forward pass produced. A sequence reads its reused
+positions where they lie (`KVCache.share`): no copy, as a segment is never written after it is
+made. The least recently used blocks go first when the cache is over its byte budget; an evicted
 block's memory lives on only while running sequences still read it. The blocks a sequence adds
 share one allocation (a `Segment`), so that a later prompt reads a run of them as one piece, in
 one product per layer: with keys stored transposed, block by block would be 64-byte pieces. A
-segment is freed with its last block, and its survivors move out once it is more than half unused, so the budget counts what is allocated.
+segment is freed with its last block, and its survivors move out once it is more than half
+unused, so the budget counts what is allocated.
 """
 
 from __future__ import annotations
