@@ -14,6 +14,7 @@ float64.
 
 from __future__ import annotations
 
+import mmap
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import NamedTuple
@@ -43,10 +44,10 @@ def small_pages():
 class KVCache:
     """Keys and values of every position processed so far, preallocated and written in place.
 
-    Keys are stored transposed, `kT` [n_layer, H, D, capacity], so that scores are a plain
-    q @ kT product; values are `v` [n_layer, H, capacity, D]. Positions [0, length) are valid.
-    Callers size `capacity` to what they will use (prompt plus new tokens): with keys transposed,
-    the first position written already touches every page of `kT`.
+    `k` and `v` are [n_layer, H, capacity, D], position-major, so that memory is touched only as
+    positions are written (`kT` is `k` seen as [n_layer, H, D, capacity], for q @ kT products).
+    Positions [0, length) are valid. The arrays are the cache's own, or a slot of a `KVArena`
+    (`slot` = (arena, index)), where a step's decoding sequences attend together.
 
     A cache may begin with a shared, read-only `prefix`: runs of positions that another array
     holds (the prefix cache's), read where they are instead of copied in: (kT [n_layer, H, D, m],
@@ -54,12 +55,20 @@ class KVCache:
     `shared` onwards, at index position − shared; `capacity` counts both.
     """
 
-    def __init__(self, config: GPT2Config, capacity: int | None = None):
-        capacity = config.n_positions if capacity is None else capacity
-        L, H, D = config.n_layer, config.n_head, config.head_dim
-        with small_pages():
-            self.kT = np.empty((L, H, D, capacity), dtype=np.float32)
-            self.v = np.empty((L, H, capacity, D), dtype=np.float32)
+    def __init__(self, config: GPT2Config, capacity: int | None = None,
+                 slot: tuple[KVArena, int] | None = None):
+        if slot is not None:
+            arena, i = slot
+            self.k, self.v = arena.k[i], arena.v[i]
+        else:
+            capacity = config.n_positions if capacity is None else capacity
+            L, H, D = config.n_layer, config.n_head, config.head_dim
+            with small_pages():
+                self.k = np.empty((L, H, capacity, D), dtype=np.float32)
+                self.v = np.empty((L, H, capacity, D), dtype=np.float32)
+        self.kT = self.k.swapaxes(2, 3)
+        self.slot = slot
+        self.touched = 0  # positions of the slot's pages that an earlier sequence touched (`KVPool`)
         self.length = 0
         self.prefix: list[tuple[np.ndarray, np.ndarray]] = []
         self.shared = 0
@@ -85,7 +94,9 @@ class KVCache:
                 vs.append(v[:, :, a:b])
             at += n
         with small_pages():  # the prefix cache keeps these: see `small_pages`
-            return np.concatenate(kTs, axis=3), np.concatenate(vs, axis=2)
+            kT = np.empty(kTs[0].shape[:3] + (end - first,), dtype=np.float32)
+            np.concatenate(kTs, axis=3, out=kT)
+            return kT, np.concatenate(vs, axis=2)
 
 
 def first_positions(runs: list[tuple[np.ndarray, np.ndarray]], n: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -100,30 +111,76 @@ def first_positions(runs: list[tuple[np.ndarray, np.ndarray]], n: int) -> list[t
     return out
 
 
+class KVArena:
+    """The caches of several sequences in one array, a slot each, so that the sequences of a step
+    that decode one position each attend in a few batched products (`DecodeGroup`) instead of
+    one by one: at 64 sequences of 124M at context 64, that was 4 of every 13 ms of a layer.
+
+    Slot i holds keys `k[i]` and values `v[i]`, [n_layer, H, n_positions, D] each. The memory is
+    an anonymous mapping: its pages are zero until a position is written (so a slot costs only
+    the positions it holds, and what padding reads is zeros or an earlier sequence's keys and
+    values, finite either way), and `release` gives a slot's pages back to the system.
+    """
+
+    BYTES = 2 * 2**30  # at most this much address space per arena (some systems refuse more at once)
+
+    def __init__(self, config: GPT2Config, slots: int):
+        L, H, D, P = config.n_layer, config.n_head, config.head_dim, config.n_positions
+        half = L * H * P * D * 4  # the keys (or values) of one slot, in bytes
+        self.stride = -(-2 * half // mmap.PAGESIZE) * mmap.PAGESIZE  # slots begin on a page
+        self.memory = mmap.mmap(-1, self.stride * slots, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        kv = np.ndarray((slots, 2, L, H, P, D), dtype=np.float32, buffer=self.memory,
+                        strides=(self.stride, half, H * P * D * 4, P * D * 4, D * 4, 4))
+        self.k, self.v = kv[:, 0], kv[:, 1]
+        self.slots = slots
+
+    @classmethod
+    def slots_for(cls, config: GPT2Config) -> int:
+        per_slot = 2 * config.n_layer * config.n_embd * config.n_positions * 4
+        return max(1, min(16, cls.BYTES // per_slot))
+
+    def release(self, i: int) -> None:
+        """Give slot i's pages back to the system (they read as zeros after)."""
+        self.memory.madvise(mmap.MADV_DONTNEED, i * self.stride, self.stride)
+
+
 class KVPool:
-    """Caches of finished sequences, kept for the next ones, up to `max_bytes`: a fresh cache's
-    first writes page-fault its memory in (about 10 ms for a 900-position cache of 124M, on the
-    critical path of a cached prompt's first token). `take` gives the smallest kept cache that
-    fits (and is at most twice the size asked for), else a new one."""
+    """Where an engine's caches come from: slots of `KVArena`s, made as needed. `take` gives the
+    free slot that comes first (so that the running sequences' slots stay close together, and
+    their decode steps batch over few idle slots). A freed slot keeps its pages for the next
+    sequence (a fresh cache's first writes page-fault its memory in: about 10 ms for a
+    900-position cache of 124M, on the critical path of a cached prompt's first token) while the
+    free slots hold at most `max_bytes`; beyond that, the last free slots give theirs back."""
 
     def __init__(self, config: GPT2Config, max_bytes: int):
         self.config, self.max_bytes = config, max_bytes
-        self.free: list[KVCache] = []
+        self.per_position = 2 * config.n_layer * config.n_embd * 4
+        self.arenas: list[KVArena] = []
+        self.free: list[tuple[int, int]] = []  # (arena, slot) of the free slots, kept sorted
+        self.touched: dict[tuple[int, int], int] = {}  # positions whose pages a free slot holds
 
     def take(self, capacity: int) -> KVCache:
-        fits = [c for c in self.free if capacity <= c.capacity <= 2 * capacity + 64]
-        if not fits:
-            return KVCache(self.config, capacity)
-        cache = min(fits, key=lambda c: c.capacity)
-        self.free.remove(cache)
-        cache.length = 0
+        if capacity > self.config.n_positions:
+            raise ValueError(f"a cache of {capacity} positions exceeds the model's context")
+        if not self.free:
+            self.arenas.append(KVArena(self.config, KVArena.slots_for(self.config)))
+            self.free = [(len(self.arenas) - 1, i) for i in range(self.arenas[-1].slots)]
+        a, i = self.free.pop(0)
+        cache = KVCache(self.config, slot=(self.arenas[a], i))
+        cache.touched = self.touched.pop((a, i), 0)
         return cache
 
     def give(self, cache: KVCache) -> None:
+        arena, i = cache.slot
+        at = (self.arenas.index(arena), i)
+        self.touched[at] = max(cache.touched, cache.length - cache.shared)
         cache.share([])  # let go of what it read in place
-        self.free.append(cache)
-        while sum(c.kT.nbytes + c.v.nbytes for c in self.free) > self.max_bytes:
-            self.free.pop(0)  # the oldest goes first
+        self.free.append(at)
+        self.free.sort()
+        while sum(self.touched.values()) * self.per_position > self.max_bytes:
+            last = max(self.touched)
+            self.arenas[last[0]].release(last[1])
+            del self.touched[last]
 
 
 _GELU_C = np.float32(np.sqrt(2.0 / np.pi))
@@ -141,16 +198,17 @@ def gelu(x: np.ndarray) -> np.ndarray:  # [N, F] -> the same array
     overflows to inf and the result is the correct −0.
     """
     u = np.empty((min(len(x), _GELU_ROWS), x.shape[1]), dtype=np.float32)
-    for start in range(0, len(x), _GELU_ROWS):
-        xs = x[start:start + _GELU_ROWS]
-        us = np.multiply(xs, xs, out=u[:len(xs)])
-        us *= _GELU_A
-        us += np.float32(1)
-        us *= xs
-        us *= np.float32(-2) * _GELU_C
-        np.exp(us, out=us)
-        us += np.float32(1)
-        np.divide(xs, us, out=xs)
+    with np.errstate(over="ignore"):  # exp overflows to inf on purpose
+        for start in range(0, len(x), _GELU_ROWS):
+            xs = x[start:start + _GELU_ROWS]
+            us = np.multiply(xs, xs, out=u[:len(xs)])
+            us *= _GELU_A
+            us += np.float32(1)
+            us *= xs
+            us *= np.float32(-2) * _GELU_C
+            np.exp(us, out=us)
+            us += np.float32(1)
+            np.divide(xs, us, out=xs)
     return x
 
 
@@ -264,41 +322,112 @@ class Segment(NamedTuple):
     """Rows `rows` of the activations continue the sequence held in `cache`.
 
     A forward pass may carry several sequences at once (a batch): the weight matmuls serve all
-    rows together, and only attention, which each sequence does against its own cache, goes
-    segment by segment. `borrow` = (cache of an earlier segment, n): this sequence's first n
-    positions are that one's, computed in this same pass, and are copied layer by layer just
-    before they are needed (prompts that share a prefix compute it once, in one pass).
+    rows together, and attention, which each sequence does against its own cache, goes segment
+    by segment (or, for sequences decoding one position each, in a `DecodeGroup`). `borrow` =
+    (cache of an earlier segment, n): this sequence's first n positions are that one's, computed
+    in this same pass, and are copied layer by layer just before they are needed (prompts that
+    share a prefix compute it once, in one pass).
     """
     rows: slice
     cache: KVCache
     borrow: tuple[KVCache, int] | None = None
 
 
-def mha(x: np.ndarray, p: Block, n_head: int, segments: list[Segment], layer: int) -> np.ndarray:
-    """Multi-head self-attention, [N, E] -> new [N, E]. Writes each segment's new keys and values
+class DecodeGroup(NamedTuple):
+    """Sequences that decode one position each, with caches in slots lo..hi−1 of one arena and
+    no shared prefix: they attend together, in batched products over those slots' first S
+    positions. A slot in the range but not in the group, and each slot's positions past its own,
+    are padding that `mask` hides: at most as much again as the real work (`decode_groups`)."""
+    arena: KVArena
+    lo: int
+    hi: int
+    rows: np.ndarray  # each sequence's row in the activations
+    slots: np.ndarray  # its slot − lo
+    positions: np.ndarray  # the position it writes
+    mask: np.ndarray  # [hi − lo, 1, 1, S]: 0 where a slot's query may look, −inf elsewhere
+
+
+_DECODE_PADDING = 2  # a group computes at most this many times the scores it needs
+
+
+def decode_groups(segments: list[Segment]) -> tuple[list[DecodeGroup], list[Segment]]:
+    """Split a pass's segments into groups that attend together and the rest (one by one)."""
+    by_arena: dict[int, list[Segment]] = {}
+    rest = []
+    for seg in segments:
+        c = seg.cache
+        if seg.rows.stop - seg.rows.start == 1 and c.slot is not None and not c.shared and seg.borrow is None:
+            by_arena.setdefault(id(c.slot[0]), []).append(seg)
+        else:
+            rest.append(seg)
+    groups = []
+    for segs in by_arena.values():
+        slots = np.array([s.cache.slot[1] for s in segs])
+        positions = np.array([s.cache.length for s in segs])
+        lo, hi, S = slots.min(), slots.max() + 1, positions.max() + 1
+        if len(segs) < 2 or (hi - lo) * S > _DECODE_PADDING * (positions + 1).sum():
+            rest += segs
+            continue
+        lengths = np.ones(hi - lo, dtype=np.int64)  # an idle slot's row looks at its first position
+        lengths[slots - lo] = positions + 1
+        mask = np.where(np.arange(S) < lengths[:, None], np.float32(0), np.float32(-np.inf))
+        groups.append(DecodeGroup(segs[0].cache.slot[0], lo, hi, np.array([s.rows.start for s in segs]),
+                                  slots - lo, positions, mask[:, None, None, :]))
+    return groups, rest
+
+
+def decode_attention(qkv: np.ndarray, group: DecodeGroup, layer: int, out: np.ndarray) -> None:
+    """Write the group's new keys and values (from qkv [N, 3, H, D], queries scaled) into their
+    slots, and their attention into their rows of `out` [N, E]: the same softmax(q·kᵀ)·v as
+    `attention`, for every slot of the group's range in one product per step."""
+    R, (_, _, H, D) = group.hi - group.lo, qkv.shape
+    slots = group.slots + group.lo
+    group.arena.k[slots, layer, :, group.positions] = qkv[group.rows, 1]
+    group.arena.v[slots, layer, :, group.positions] = qkv[group.rows, 2]
+    S = group.mask.shape[-1]
+    k = group.arena.k[group.lo:group.hi, layer, :, :S]  # [R, H, S, D]
+    v = group.arena.v[group.lo:group.hi, layer, :, :S]
+    q = np.zeros((R, H, 1, D), dtype=np.float32)
+    q[group.slots, :, 0] = qkv[group.rows, 0]
+    scores = q @ k.swapaxes(2, 3)  # [R, H, 1, S]
+    scores += group.mask
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    heads = scores @ v  # [R, H, 1, D]
+    heads /= scores.sum(axis=-1, keepdims=True)
+    out[group.rows] = heads[group.slots].reshape(len(slots), H * D)
+
+
+def mha(x: np.ndarray, p: Block, n_head: int, segments: list[Segment], layer: int,
+        groups: list[DecodeGroup] = ()) -> np.ndarray:
+    """Multi-head self-attention, [N, E] -> new [N, E]. Writes each sequence's new keys and values
     into its cache (at positions cache.length onwards; `transformer` advances the lengths after
-    the last layer). The queries are scaled in place in the fresh Q, K, V product. Each segment's
-    attention is its own (its own cache); when decoding, that per-sequence work is most of what
-    a step adds to its weight products (`make bench` measures it), so this loop stays lean."""
+    the last layer). The queries are scaled in place in the fresh Q, K, V product. `groups`
+    attend together (`decode_attention`); each of `segments` attends alone, against its own
+    cache: for short contexts that per-sequence work costs more than the attention itself, so
+    this loop stays lean."""
     N, E = x.shape
     D = E // n_head
     qkv = linear(x, p.c_attn).reshape(N, 3, n_head, D)  # one fused matmul for Q, K and V
     qkv[:, 0] *= np.float32(1.0 / np.sqrt(D))  # the queries of every segment, scaled in one pass
     out = np.empty((N, E), dtype=np.float32)
+    for group in groups:
+        decode_attention(qkv, group, layer, out)
     for rows, cache, borrow in segments:
         T, start = rows.stop - rows.start, cache.length
         own = start - cache.shared  # where the new positions go in the cache's own arrays
-        kT, v = cache.kT[layer], cache.v[layer]
+        k, v = cache.k[layer], cache.v[layer]
         if borrow is not None:  # the lender's segment came first: its positions of this layer are written
             lender, n = borrow  # the shared ones are the same runs (`Engine._lend`); the rest are copied
-            kT[:, :, :n - cache.shared] = lender.kT[layer][:, :, :n - cache.shared]
+            k[:, :n - cache.shared] = lender.k[layer][:, :n - cache.shared]
             v[:, :n - cache.shared] = lender.v[layer][:, :n - cache.shared]
         q = qkv[rows, 0].transpose(1, 0, 2)  # [H, T, D]
-        kT[:, :, own:own + T] = qkv[rows, 1].transpose(1, 2, 0)
+        k[:, own:own + T] = qkv[rows, 1].transpose(1, 0, 2)
         v[:, own:own + T] = qkv[rows, 2].transpose(1, 0, 2)
         # The heads' outputs land straight in their columns of `out`, [T, H·D] seen as [H, T, D].
         heads_out = out[rows].reshape(T, n_head, D).transpose(1, 0, 2)
-        runs = [(p_kT[layer], p_v[layer]) for p_kT, p_v in cache.prefix] + [(kT[:, :, :own + T], v[:, :own + T])]
+        runs = [(p_kT[layer], p_v[layer]) for p_kT, p_v in cache.prefix]
+        runs.append((cache.kT[layer][:, :, :own + T], v[:, :own + T]))
         attention(q, runs, start, out=heads_out)
     return linear(out, p.attn_proj)
 
@@ -307,10 +436,11 @@ def mlp(x: np.ndarray, p: Block) -> np.ndarray:  # [N, E] -> [N, F] -> new [N, E
     return linear(gelu(linear(x, p.c_fc)), p.mlp_proj)
 
 
-def transformer_block(x: np.ndarray, p: Block, config: GPT2Config, segments: list[Segment], layer: int) -> np.ndarray:
+def transformer_block(x: np.ndarray, p: Block, config: GPT2Config, segments: list[Segment], layer: int,
+                      groups: list[DecodeGroup] = ()) -> np.ndarray:
     """Pre-norm residual block, [N, E] -> new [N, E] (x itself is not changed; the caches are)."""
     eps = config.layer_norm_epsilon
-    x = x + mha(layer_norm(x, p.ln_1, eps), p, config.n_head, segments, layer)
+    x = x + mha(layer_norm(x, p.ln_1, eps), p, config.n_head, segments, layer, groups)
     x += mlp(layer_norm(x, p.ln_2, eps), p)
     return x
 
@@ -339,9 +469,9 @@ def transformer(params: Params, config: GPT2Config, batch: list[tuple[np.ndarray
         segments.append(Segment(slice(row, row + T), cache, borrow))
         row += T
     x = np.concatenate(embeddings) if len(embeddings) > 1 else embeddings[0]
-    with np.errstate(over="ignore"):  # gelu's exp overflows to inf on purpose
-        for layer, block in enumerate(params.blocks):
-            x = transformer_block(x, block, config, segments, layer)
+    groups, alone = decode_groups(segments)
+    for layer, block in enumerate(params.blocks):
+        x = transformer_block(x, block, config, alone, layer, groups)
     for rows, cache, _ in segments:
         cache.length += rows.stop - rows.start
     picked = [x[seg.rows] if every else x[seg.rows.stop - 1:seg.rows.stop] for seg, every in zip(segments, all_positions)]

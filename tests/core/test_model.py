@@ -86,6 +86,60 @@ def test_a_shared_prefix_read_in_place_equals_own_positions(small_model_dir):
     assert [r[1].shape[2] for r in M.first_positions(runs, 5 + 1 + 2)] == [5, 1, 2]
 
 
+def test_sequences_decoding_together_in_arena_slots_equal_each_alone(small_model_dir, monkeypatch):
+    """Sequences of different lengths in slots of one arena, with an idle slot between them,
+    decode in one batched attention (`DecodeGroup`) and give each one's logits alone; a slot's
+    earlier sequence leaves no trace; a sequence with a shared prefix and a prompt in the same
+    pass attend alone."""
+    model = gpt2np.load(small_model_dir)
+    P, C = model.params, model.config
+    ids = model.encode(PROMPT)
+    prompts = [ids[:5], ids[3:12], ids[:8], ids[7:17]]
+    pool = M.KVPool(C, 2**30)
+    caches = [pool.take(32) for _ in range(5)]
+    M.transformer(P, C, [(np.array(ids[:20]), caches[1])])
+    pool.give(caches[1])
+    pool.give(caches[3])
+    caches[1] = pool.take(32)  # slot 1 again, holding the earlier sequence's positions
+    del caches[3]  # slot 3 stays idle, between the others
+    assert [c.slot[1] for c in caches] == [0, 1, 2, 4]
+    grouped = []
+    real = M.decode_groups
+    monkeypatch.setattr(M, "decode_groups", lambda segs: grouped.append(real(segs)) or grouped[-1])
+    for prompt, cache in zip(prompts, caches):
+        M.transformer(P, C, [(np.array(prompt), cache)])
+    alone = [M.KVCache(C, 32) for _ in prompts]
+    for prompt, cache in zip(prompts, alone):
+        M.forward(P, C, np.array(prompt), cache)
+    shared = M.KVCache(C, 32)
+    shared.share([(alone[0].kT[..., :4].copy(), alone[0].v[:, :, :4].copy())])
+    M.forward(P, C, np.array(prompts[0][4:]), shared)
+    for step in range(3):
+        tokens = [np.array([(31 * step + 7 * i) % C.vocab_size]) for i in range(len(prompts))]
+        grouped.clear()
+        hidden = M.transformer(P, C, [(t, c) for t, c in zip(tokens, caches)] + [(tokens[0], shared)]
+                               + [(np.array(ids[:3]), M.KVCache(C, 8))])
+        groups, rest = grouped[0]
+        assert [len(g.rows) for g in groups] == [4] and len(rest) == 2
+        got = M.lm_head(P, np.concatenate(hidden[:5]))
+        expected = np.stack([M.forward(P, C, t, c) for t, c in zip(tokens, alone)])
+        np.testing.assert_allclose(got, expected[[0, 1, 2, 3, 0]], rtol=0, atol=1e-5 * max(1, np.abs(expected).max()))
+
+
+def test_a_pool_gives_freed_slots_back_to_the_system_beyond_its_budget(small_model_dir):
+    model = gpt2np.load(small_model_dir)
+    C = model.config
+    per_position = 2 * C.n_layer * C.n_embd * 4
+    pool = M.KVPool(C, 10 * per_position)
+    a, b = pool.take(20), pool.take(20)
+    for cache in (a, b):
+        M.transformer(model.params, C, [(np.arange(8), cache)])
+        cache.k[...] = 1.0  # every page of the slot's keys touched
+        pool.give(cache)
+    assert pool.touched == {(0, 0): 8}  # the second slot (8 more positions) went over the budget
+    assert not b.k.any() and a.k.all()  # its pages went back: they read as zeros
+
+
 def test_every_intermediate_is_float32(small_model_dir, monkeypatch):
     model = gpt2np.load(small_model_dir)
     seen = []
