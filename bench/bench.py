@@ -199,8 +199,10 @@ def batched_steps(model, seqs: int, ctx: int, steps: int) -> dict:
     pr, st = side_by_side(products, lambda _: engine.step(), steps)
     engine.cancel_all()
     engine.run()
+    cfg = model.config  # the keys and values a step reads: every position of every sequence, each layer
+    kv_bytes = seqs * (ctx + 2 + steps / 2) * 2 * cfg.n_layer * cfg.n_embd * 4
     return {"sequences": seqs, "context": ctx, "step_ms": st, "products_ms": pr, "step_over_products": st / pr,
-            "tokens_per_s": seqs / st * 1000}
+            "tokens_per_s": seqs / st * 1000, "kv_read_mb": kv_bytes / 1e6}
 
 
 def prefill(model, T: int, gemm: float, reps: int) -> dict:
@@ -406,11 +408,18 @@ def markdown(env: dict, results: list[dict], tok: dict, plotted: bool) -> str:
                   f"{p['fraction_of_gemm']:.0%} |" for p in r["prefill"]]
         if r.get("batched_steps"):
             lines += ["", "Decode steps of many sequences (the engine, every sequence decoding) against their floor, "
-                      "the bare weight products at as many rows (LM head included), timed one after the other:", "",
-                      "| sequences | context | step ms | products ms | step / products | tokens/s |",
-                      "| ---: | ---: | ---: | ---: | ---: | ---: |"]
-            lines += [f"| {b['sequences']} | {b['context']} | {b['step_ms']:.1f} | {b['products_ms']:.1f} | "
-                      f"{b['step_over_products']:.2f}x | {b['tokens_per_s']:.0f} |" for b in r["batched_steps"]]
+                      "the bare weight products at as many rows (LM head included), timed one after the other. "
+                      "Attention must also read every cached key and value once a step: the last columns "
+                      "give those bytes and the time they take at this run's copy bandwidth, a floor the "
+                      "products do not count.", "",
+                      "| sequences | context | step ms | products ms | step / products | tokens/s "
+                      "| K/V read per step | at copy bandwidth | step / (products + K/V read) |",
+                      "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            for b in r["batched_steps"]:
+                kv_ms = b["kv_read_mb"] / env["copy_gb_s"]
+                lines.append(f"| {b['sequences']} | {b['context']} | {b['step_ms']:.1f} | {b['products_ms']:.1f} | "
+                             f"{b['step_over_products']:.2f}x | {b['tokens_per_s']:.0f} | {b['kv_read_mb']:.0f} MB | "
+                             f"{kv_ms:.1f} ms | {b['step_ms'] / (b['products_ms'] + kv_ms):.2f}x |")
         rss, size = r["peak_rss_bytes"], r["file_bytes"]
         lines += ["", f"- Start-up, fresh `gpt-run` to first token (10-token prompt, weights in page cache): "
                       f"{r['startup_s']:.3f} s; model + tokenizer load alone: {r['load_s'] * 1000:.0f} ms.",
