@@ -27,12 +27,12 @@ import sys
 import time
 from pathlib import Path
 
+import gpt2np  # before NumPy loads OpenBLAS: it sets its thread timeout (gpt2np.parallel)
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-import gpt2np  # noqa: E402
 from gpt2np import GPT2Config, model as M  # noqa: E402
 
 import naive  # noqa: E402

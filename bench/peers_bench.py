@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+import gpt2np  # noqa: F401 -- before NumPy loads OpenBLAS: it sets its thread timeout (gpt2np.parallel)
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+import gpt2np  # noqa: F401 -- before NumPy loads OpenBLAS: it sets its thread timeout (gpt2np.parallel)
 import httpx
 import numpy as np
 

@@ -26,13 +26,12 @@ import sys
 import time
 from pathlib import Path
 
+import gpt2np  # before NumPy loads OpenBLAS: it sets its thread timeout (gpt2np.parallel)
 import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-
-import gpt2np  # noqa: E402
 
 from bench import blas_info, cpu_name, make_model, save_results  # noqa: E402
 

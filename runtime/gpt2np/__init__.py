@@ -8,8 +8,13 @@
     ...     print(piece, end="", flush=True)
 
 A model folder holds `config.json`, `model.safetensors`, `vocab.json` and `merges.txt` (the layout of
-a Hugging Face GPT-2 folder; see README.md). This file only re-exports the public API.
+a Hugging Face GPT-2 folder; see README.md). This file re-exports the public API, and first sets
+how long OpenBLAS's idle threads spin (`gpt2np.parallel` says why) unless it is set already.
 """
+
+import os
+
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")  # read when NumPy loads OpenBLAS: before numpy
 
 from .api import GPT2, TextStream, load, load_tokenizer
 from .config import GPT2Config

@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import parallel
 from .config import GPT2Config
 from .params import Block, LayerNorm, Linear, Params
 
@@ -83,20 +84,19 @@ class KVCache:
         self.shared = self.length = sum(v.shape[2] for _, v in self.prefix)
 
     def positions(self, first: int, end: int) -> tuple[np.ndarray, np.ndarray]:
-        """New arrays with the keys [L, H, D, n] and values [L, H, n, D] of positions [first, end)."""
+        """New arrays with the keys [L, H, D, n] (a view of position-major [L, H, n, D], as `kT`)
+        and values [L, H, n, D] of positions [first, end)."""
         runs = self.prefix + [(self.kT[..., :self.length - self.shared], self.v[:, :, :self.length - self.shared])]
-        kTs, vs, at = [], [], 0
+        ks, vs, at = [], [], 0
         for kT, v in runs:
             n = v.shape[2]
             a, b = max(first - at, 0), min(end - at, n)
             if a < b:
-                kTs.append(kT[..., a:b])
+                ks.append(kT[..., a:b].swapaxes(2, 3))
                 vs.append(v[:, :, a:b])
             at += n
         with small_pages():  # the prefix cache keeps these: see `small_pages`
-            kT = np.empty(kTs[0].shape[:3] + (end - first,), dtype=np.float32)
-            np.concatenate(kTs, axis=3, out=kT)
-            return kT, np.concatenate(vs, axis=2)
+            return np.concatenate(ks, axis=2).swapaxes(2, 3), np.concatenate(vs, axis=2)
 
 
 def first_positions(runs: list[tuple[np.ndarray, np.ndarray]], n: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -188,6 +188,7 @@ _GELU_A = np.float32(0.044715)
 _GELU_ROWS = 32  # gelu's scratch, [32, 3072] floats, fits in L2
 _ATTENTION_BLOCK = 128  # query rows per block in long prompts: scores stay in cache
 _ALL_HEADS_SCORES = 512 * 1024  # up to this many scores (2 MB) a block takes all heads at once
+_SPLIT_SCORES = 2**21  # from this many scores (or GELU inputs), a prompt's attention (GELU) goes in parts
 
 
 def gelu(x: np.ndarray) -> np.ndarray:  # [N, F] -> the same array
@@ -197,8 +198,15 @@ def gelu(x: np.ndarray) -> np.ndarray:  # [N, F] -> the same array
     Goes 32 rows at a time so that its seven passes stay in cache. For very negative x, exp
     overflows to inf and the result is the correct −0.
     """
+    if x.size >= _SPLIT_SCORES:  # a long prompt's: in parts, on every core (`parallel`)
+        parallel.split(lambda rows: _gelu(x[rows]), len(x))
+        return x
+    return _gelu(x)
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
     u = np.empty((min(len(x), _GELU_ROWS), x.shape[1]), dtype=np.float32)
-    with np.errstate(over="ignore"):  # exp overflows to inf on purpose
+    with np.errstate(over="ignore"):  # exp overflows to inf on purpose (the state is per thread)
         for start in range(0, len(x), _GELU_ROWS):
             xs = x[start:start + _GELU_ROWS]
             us = np.multiply(xs, xs, out=u[:len(xs)])
@@ -428,7 +436,11 @@ def mha(x: np.ndarray, p: Block, n_head: int, segments: list[Segment], layer: in
         heads_out = out[rows].reshape(T, n_head, D).transpose(1, 0, 2)
         runs = [(p_kT[layer], p_v[layer]) for p_kT, p_v in cache.prefix]
         runs.append((cache.kT[layer][:, :, :own + T], v[:, :own + T]))
-        attention(q, runs, start, out=heads_out)
+        if n_head * T * (start + T) < _SPLIT_SCORES:
+            attention(q, runs, start, out=heads_out)
+        else:  # a long prompt: its heads in parts, on every core (`parallel`)
+            parallel.split(lambda h: attention(q[h], [(kT_i[h], v_i[h]) for kT_i, v_i in runs], start,
+                                               out=heads_out[h]), n_head)
     return linear(out, p.attn_proj)
 
 

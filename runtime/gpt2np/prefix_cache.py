@@ -189,7 +189,7 @@ class PrefixCache:
             self.bytes -= seg.nbytes  # more than half unused: its blocks move to their own
             for k in list(seg.blocks):
                 b = self.blocks[k]
-                b.segment = Segment(b.kT.copy(), b.v.copy())
+                b.segment = Segment(b.kT.copy(order="K"), b.v.copy())  # "K": keys stay position-major
                 b.segment.blocks.add(k)
                 b.offset = 0
                 self.bytes += b.segment.nbytes
