@@ -188,7 +188,8 @@ _GELU_A = np.float32(0.044715)
 _GELU_ROWS = 32  # gelu's scratch, [32, 3072] floats, fits in L2
 _ATTENTION_BLOCK = 128  # query rows per block in long prompts: scores stay in cache
 _ALL_HEADS_SCORES = 512 * 1024  # up to this many scores (2 MB) a block takes all heads at once
-_SPLIT_SCORES = 2**21  # from this many scores (or GELU inputs), a prompt's attention (GELU) goes in parts
+_SPLIT_SCORES = 2**21  # from this many scores, a prompt's attention goes in parts (`parallel`)
+_SPLIT_ELEMENTS = 2**18  # from this many inputs, GELU and layer norm go in parts
 
 
 def gelu(x: np.ndarray) -> np.ndarray:  # [N, F] -> the same array
@@ -198,7 +199,7 @@ def gelu(x: np.ndarray) -> np.ndarray:  # [N, F] -> the same array
     Goes 32 rows at a time so that its seven passes stay in cache. For very negative x, exp
     overflows to inf and the result is the correct −0.
     """
-    if x.size >= _SPLIT_SCORES:  # a long prompt's: in parts, on every core (`parallel`)
+    if x.size >= _SPLIT_ELEMENTS:  # a long prompt's: in parts, on every core (`parallel`)
         parallel.split(lambda rows: _gelu(x[rows]), len(x))
         return x
     return _gelu(x)
@@ -229,9 +230,18 @@ def layer_norm(x: np.ndarray, p: LayerNorm, eps: float) -> np.ndarray:  # [N, E]
     """(x − mean) / √(var + eps) · g + b over the last axis (x is left as it is).
 
     The means are products with a column of 1/n: BLAS takes them faster than NumPy's reductions.
+    A long prompt's rows go in parts, on every core (`parallel`).
     """
+    if x.size < _SPLIT_ELEMENTS:
+        return _layer_norm(x, p, eps, np.empty_like(x))
+    out = np.empty_like(x)
+    parallel.split(lambda rows: _layer_norm(x[rows], p, eps, out[rows]), len(x))
+    return out
+
+
+def _layer_norm(x: np.ndarray, p: LayerNorm, eps: float, xc: np.ndarray) -> np.ndarray:
     mean_of = _mean_column(x.shape[-1])
-    xc = x - x @ mean_of
+    np.subtract(x, x @ mean_of, out=xc)
     var = np.square(xc) @ mean_of
     var += np.float32(eps)
     xc /= np.sqrt(var, out=var)

@@ -59,10 +59,11 @@ def test_a_prompt_in_parts_gives_the_logits_of_one_part(small_model_dir, monkeyp
     calls = []
     real = parallel.split
     monkeypatch.setattr(parallel, "split", lambda work, n: calls.append(n) or real(work, n))
-    monkeypatch.setattr(M, "_SPLIT_SCORES", 1)  # attention and GELU of every pass go in parts
+    monkeypatch.setattr(M, "_SPLIT_SCORES", 1)  # attention, GELU and layer norms of every pass in parts
+    monkeypatch.setattr(M, "_SPLIT_ELEMENTS", 1)
     parts = model.logits(ids)
     assert calls.count(model.config.n_head) == model.config.n_layer  # attention, heads in parts
-    assert calls.count(len(ids)) == model.config.n_layer  # GELU, rows in parts
+    assert calls.count(len(ids)) == 3 * model.config.n_layer + 1  # GELU and layer norms, rows in parts
     np.testing.assert_allclose(parts, whole, rtol=0, atol=1e-5 * max(1, np.abs(whole).max()))
 
 
