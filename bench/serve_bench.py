@@ -27,13 +27,14 @@ import time
 from pathlib import Path
 
 import gpt2np  # before NumPy loads OpenBLAS: it sets its thread timeout (gpt2np.parallel)
+from gpt2np import model as M
 import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench import blas_info, cpu_name, make_model, save_results  # noqa: E402
+from bench import best, blas_info, cpu_name, make_model, matmul_stack, save_results  # noqa: E402
 
 BIN = Path(sys.executable).parent
 PROMPT = "The history of the city begins with"
@@ -184,8 +185,9 @@ async def lone_ttft(server, seed: int, tokens: int = 1000) -> float:
 def beside_vllm(server: Server, vllm, model, clients: list[int], requests: int, max_tokens: int,
                 rounds: int = 3) -> dict:
     """The same streaming loads on gpt-serve and vLLM, alternating server by server and round by
-    round (medians of `rounds`), a lone 1000-token prompt's first token on each (and the
-    in-process `logits` time for such a prompt), and each server's resident memory after."""
+    round (medians of `rounds`), then a lone 1000-token prompt's first token on each (medians of
+    2·rounds − 1, alternating which goes first; and the in-process `logits` time for such a
+    prompt), and each server's resident memory after."""
     runs: dict[str, dict[int, list[float]]] = {"gpt-serve": {c: [] for c in clients}, "vllm": {c: [] for c in clients}}
     ttft: dict[str, list[float]] = {"gpt-serve": [], "vllm": []}
     for r in range(rounds):
@@ -193,14 +195,23 @@ def beside_vllm(server: Server, vllm, model, clients: list[int], requests: int, 
             for name, s in (("gpt-serve", server), ("vllm", vllm)):
                 runs[name][c].append(asyncio.run(load(s, c, requests, max_tokens))["tokens_per_s"])
                 print(f"  round {r}, {c} clients, {name}: {runs[name][c][-1]:.1f} tokens/s", file=sys.stderr)
-        for name, s in (("gpt-serve", server), ("vllm", vllm)):
+    # The lone prompts after the loads, each server's turn first in every other round, with a
+    # pause before each: a server's threads may still be busy (or spinning) after a load.
+    for r in range(2 * rounds - 1):
+        for name, s in (("gpt-serve", server), ("vllm", vllm))[::1 if r % 2 == 0 else -1]:
+            time.sleep(1)
             ttft[name].append(asyncio.run(lone_ttft(s, seed=100 + r)))
     ids = np.random.default_rng(7).integers(0, 50000, 1000)
     logits_s = min(_timed(lambda: model.logits(ids)) for _ in range(3))
-    return {"rounds": rounds,
+    cfg = model.config  # the work of a first token: one pass, the LM head at the last position only
+    first_s = min(_timed(lambda: M.forward(model.params, cfg, ids, M.KVCache(cfg, len(ids)))) for _ in range(3))
+    # The floor: a step's bare weight products at as many rows as clients (LM head included).
+    products_ms = {c: best(matmul_stack(model.params, c), 7) * 1000 for c in clients}
+    return {"rounds": rounds, "products_ms": products_ms,
             "tokens_per_s": {name: {c: statistics.median(v) for c, v in per.items()} for name, per in runs.items()},
             "rounds_tokens_per_s": runs,
-            "lone_ttft_s": {name: statistics.median(v) for name, v in ttft.items()}, "in_process_logits_s": logits_s,
+            "lone_ttft_s": {name: statistics.median(v) for name, v in ttft.items()}, "rounds_lone_ttft_s": ttft,
+            "in_process_logits_s": logits_s, "in_process_forward_s": first_s,
             "rss_mb": {"gpt-serve": tree_rss_mb(server.proc.pid), "vllm": tree_rss_mb(vllm.proc.pid)}}
 
 
@@ -256,16 +267,25 @@ def report(res: dict) -> str:
     goals = {1: 1.15, 4: 0.55, 8: 0.65, 16: 0.8}
     lines += ["", "## Beside vLLM's CPU build (0.32.0, 2 OpenMP threads), the same loads", "",
               f"Both servers up at once, the loads alternating server by server in {v['rounds']} rounds; medians.", "",
-              "| concurrent clients | gpt-serve tokens/s | vLLM tokens/s | ratio | goal |", "| ---: | ---: | ---: | ---: | ---: |"]
+              "The floor: the bare weight products of one step at as many rows as clients (LM head included, "
+              "in process, best of 7), as tokens/s if a step took that and nothing else.", "",
+              "| concurrent clients | gpt-serve tokens/s | vLLM tokens/s | ratio | goal | products alone, tokens/s "
+              "| products alone / vLLM |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for c in ours:
         goal = goals.get(int(c))
+        floor = int(c) * 1000 / v["products_ms"][c] if c in v.get("products_ms", {}) else None
         lines.append(f"| {c} | {ours[c]:.1f} | {theirs[c]:.1f} | {ours[c] / theirs[c]:.2f}x | "
-                     f"{f'>= {goal}x' if goal else ''} |")
+                     f"{f'>= {goal}x' if goal else ''} | "
+                     + (f"{floor:.1f} | {floor / theirs[c]:.2f}x |" if floor else " | |"))
     t, rss = v["lone_ttft_s"], v["rss_mb"]
     lines += ["", f"- A lone 1000-token prompt's first token: gpt-serve {t['gpt-serve']:.2f} s, vLLM {t['vllm']:.2f} s "
               f"({t['gpt-serve'] / t['vllm']:.2f}x vLLM's; goal <= 1.3x); in-process `logits` for such a prompt "
               f"{v['in_process_logits_s']:.2f} s (gpt-serve's first token is {t['gpt-serve'] / v['in_process_logits_s']:.2f}x "
-              "it; goal <= 1.05x).",
+              f"it; goal <= 1.05x). That `logits` computes the LM head at every position; the pass a first token needs "
+              f"(the head at the last position only) took {v['in_process_forward_s']:.2f} s in process "
+              f"(the first token over HTTP {t['gpt-serve'] / v['in_process_forward_s']:.2f}x it). Each run, s: gpt-serve "
+              + ", ".join(f"{x:.2f}" for x in v["rounds_lone_ttft_s"]["gpt-serve"]) + "; vLLM "
+              + ", ".join(f"{x:.2f}" for x in v["rounds_lone_ttft_s"]["vllm"]) + ".",
               f"- Resident memory after the loads: gpt-serve {rss['gpt-serve']:.0f} MB, vLLM {rss['vllm']:.0f} MB "
               f"({rss['gpt-serve'] / rss['vllm']:.2f} of vLLM's; goal <= 1/4)."]
     return "\n".join(lines) + "\n"
