@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,13 @@ DATA = Path(__file__).parent / "data"
 BPE_DIR = DATA / "gpt2-bpe"
 ROOT = Path(__file__).parent.parent
 BIN = Path(sys.executable).parent
+
+
+def ctrl_c_reaches():
+    """`preexec_fn` for a child that a test sends Ctrl-C (SIGINT): a shell without job control
+    starts its background commands (a CI job among them) with SIGINT ignored, which children
+    inherit and Python keeps; at a terminal, Ctrl-C has its default action."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 # hparams.json as OpenAI publishes it, for a small model with the real vocabulary.
 SMALL_HPARAMS = {"n_vocab": 50257, "n_ctx": 64, "n_embd": 64, "n_head": 4, "n_layer": 2}

@@ -7,12 +7,12 @@ import time
 import pytest
 
 import gpt2np
-from conftest import BIN, run_cli
+from conftest import BIN, ctrl_c_reaches, run_cli
 
 
 def test_ctrl_c_stops_at_once_with_the_text_so_far(model_124M_dir):
     proc = subprocess.Popen([str(BIN / "gpt-run"), str(model_124M_dir), "Hello", "-n", "500", "--ignore-eos"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=ctrl_c_reaches)
     first = proc.stdout.read1(64)
     assert first and proc.poll() is None
     proc.send_signal(signal.SIGINT)

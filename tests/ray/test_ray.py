@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import gpt2np
-from conftest import BIN, run_cli
+from conftest import BIN, ctrl_c_reaches, run_cli
 
 ray = pytest.importorskip("ray")
 from ray.data import ActorPoolStrategy  # noqa: E402
@@ -278,7 +278,8 @@ def running_job(cluster, small_model_dir, tmp_path, n_rows, workers=2, files=Non
     out = tmp_path / "out"
     proc = subprocess.Popen([str(BIN / "gpt-batch"), str(small_model_dir), str(tmp_path / "in"), str(out),
                              "--address", cluster.address, "--workers", str(workers), "--batch-size", "2", "-n", "40",
-                             "--ignore-eos"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "--ignore-eos"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=ctrl_c_reaches)
 
     def written() -> int:
         return sum(len(f.read_text().splitlines()) for f in tmp_path.glob(".out.tmp-*/part-*.jsonl"))
