@@ -36,7 +36,7 @@ from .sampling import log_normalizers
 from .sequence import SequenceState
 from .tokenizer import Tokenizer
 
-KV_POOL_BYTES = 256 * 2**20  # at most this much of finished sequences' caches is kept for reuse
+KV_POOL_BYTES = 256 * 2**20  # at most this much of finished sequences' KV slots keeps its pages
 SCORE_ROWS = 384  # prompt logits for scoring are made at most this many rows at a time: [384, 50257] is 77 MB
 
 
@@ -125,7 +125,7 @@ class Engine:
         if any(n is not None and n < 1 for n in (max_batch, prefill_chunk, max_batched_tokens)):
             raise ValueError("max_batch, prefill_chunk and max_batched_tokens must be at least 1")
         full_cache = 2 * config.n_layer * config.n_embd * config.n_positions * 4
-        self.kv_pool = KVPool(config, min(2 * full_cache, KV_POOL_BYTES))  # finished sequences' caches, reused
+        self.kv_pool = KVPool(config, min(2 * full_cache, KV_POOL_BYTES))  # every sequence's cache: arena slots
         self.pacer = PrefillPacer(prefill_stall) if prefill_stall is not None else None
         self._offered = 0  # the prompt tokens the pacer allowed this step
         self.max_batched_tokens = max_batched_tokens

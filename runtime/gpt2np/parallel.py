@@ -52,6 +52,7 @@ def _openblas() -> tuple[Callable[[], int], Callable[[int], None]] | None:
 
 _lock = threading.Lock()  # one split at a time: BLAS threads are a process-wide setting
 _pool: ThreadPoolExecutor | None = None
+_pool_size = 0
 
 
 @contextmanager
@@ -77,14 +78,14 @@ def split(work: Callable[[slice], object], n: int) -> None:
     """Run `work(part)` over parts of range(n) that together cover it: as many parts as OpenBLAS
     has threads, each in its own thread, with one BLAS thread each (all of it at once in this
     thread when OpenBLAS runs one). The parts must be independent: each writes only its own output."""
-    global _pool
+    global _pool, _pool_size
     with _one_blas_thread() as threads:
         parts = min(threads, n)
         if parts <= 1:
             work(slice(0, n))
             return
-        if _pool is None or _pool._max_workers < parts - 1:
-            _pool = ThreadPoolExecutor(parts - 1, thread_name_prefix="gpt2np-split")
+        if _pool_size < parts - 1:
+            _pool, _pool_size = ThreadPoolExecutor(parts - 1, thread_name_prefix="gpt2np-split"), parts - 1
         bounds = [n * i // parts for i in range(parts + 1)]
         futures = [_pool.submit(work, slice(a, b)) for a, b in zip(bounds[1:-1], bounds[2:])]
         try:
