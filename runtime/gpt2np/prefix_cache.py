@@ -22,9 +22,8 @@ positions where they lie (`KVCache.share`): no copy, as a segment is never writt
 made. The least recently used blocks go first when the cache is over its byte budget; an evicted
 block's memory lives on only while running sequences still read it. The blocks a sequence adds
 share one allocation (a `Segment`), so that a later prompt reads a run of them as one piece, in
-one product per layer: with keys stored transposed, block by block would be 64-byte pieces. A
-segment is freed with its last block, and its survivors move out once it is more than half
-unused, so the budget counts what is allocated.
+one product per layer rather than one per block. A segment is freed with its last block, and its
+survivors move out once it is more than half unused, so the budget counts what is allocated.
 """
 
 from __future__ import annotations
