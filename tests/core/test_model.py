@@ -86,11 +86,17 @@ def test_a_shared_prefix_read_in_place_equals_own_positions(small_model_dir):
     assert [r[1].shape[2] for r in M.first_positions(runs, 5 + 1 + 2)] == [5, 1, 2]
 
 
-def test_sequences_decoding_together_in_arena_slots_equal_each_alone(small_model_dir, monkeypatch):
+@pytest.mark.parametrize("in_parts", [False, True])
+def test_sequences_decoding_together_in_arena_slots_equal_each_alone(small_model_dir, monkeypatch, in_parts):
     """Sequences of different lengths in slots of one arena, with an idle slot between them,
-    decode in one batched attention (`DecodeGroup`) and give each one's logits alone; a slot's
-    earlier sequence leaves no trace; a sequence with a shared prefix and a prompt in the same
-    pass attend alone."""
+    decode in one batched attention (`DecodeGroup`; its slots in parts on every core, or in one
+    part) and give each one's logits alone; a slot's earlier sequence leaves no trace; a
+    sequence with a shared prefix and a prompt in the same pass attend alone."""
+    splits = []
+    if in_parts:
+        real_split = M.parallel.split
+        monkeypatch.setattr(M, "_SPLIT_DECODE_SCORES", 1)
+        monkeypatch.setattr(M.parallel, "split", lambda work, n: splits.append(n) or real_split(work, n))
     model = gpt2np.load(small_model_dir)
     P, C = model.params, model.config
     ids = model.encode(PROMPT)
@@ -124,6 +130,31 @@ def test_sequences_decoding_together_in_arena_slots_equal_each_alone(small_model
         got = M.lm_head(P, np.concatenate(hidden[:5]))
         expected = np.stack([M.forward(P, C, t, c) for t, c in zip(tokens, alone)])
         np.testing.assert_allclose(got, expected[[0, 1, 2, 3, 0]], rtol=0, atol=1e-5 * max(1, np.abs(expected).max()))
+    assert splits.count(5) == (3 * C.n_layer if in_parts else 0)  # slots 0..4 of the range, every layer
+
+
+@pytest.mark.parametrize("scale", [1.0, 400.0, -400.0])
+def test_attention_is_the_softmax_at_any_score_scale(scale, monkeypatch):
+    """Softmax's exponentials go unshifted where that is exact (ordinary scores) and are shifted
+    by the row's max where unshifted ones would overflow (scores in the hundreds) or all vanish
+    (every score of a row far below zero): either way the result is the float64 softmax's."""
+    rng = np.random.default_rng(1)
+    H, T, S, D = 3, 6, 10, 8
+    q = np.abs(rng.standard_normal((H, T, D), dtype=np.float32)) * np.float32(scale / D)
+    k = np.abs(rng.standard_normal((H, S, D), dtype=np.float32))
+    v = rng.standard_normal((H, S, D), dtype=np.float32)
+    shifts = []
+    real = M._exp_rows
+    monkeypatch.setattr(M, "_exp_rows", lambda scores, shift: shifts.append(shift) or real(scores, shift))
+    got = M.attention(q, [(k.swapaxes(1, 2), v)], S - T)
+    scores = q.astype(np.float64) @ k.swapaxes(1, 2).astype(np.float64)
+    scores[:, np.arange(T)[:, None] < np.arange(S)[None, :] - (S - T)] = -np.inf  # the future
+    weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    expected = weights / weights.sum(axis=-1, keepdims=True) @ v
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert shifts == ([False] if scale == 1 else [False, True])
+    if scale < 0:
+        assert (scores.max(axis=-1) < -104).any()  # exp underflows to zero for every key of a row
 
 
 def test_a_pool_gives_freed_slots_back_to_the_system_beyond_its_budget(small_model_dir):

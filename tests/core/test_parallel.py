@@ -63,7 +63,7 @@ def test_a_prompt_in_parts_gives_the_logits_of_one_part(small_model_dir, monkeyp
     monkeypatch.setattr(M, "_SPLIT_ELEMENTS", 1)
     parts = model.logits(ids)
     assert calls.count(model.config.n_head) == model.config.n_layer  # attention, heads in parts
-    assert calls.count(len(ids)) == 3 * model.config.n_layer + 1  # GELU and layer norms, rows in parts
+    assert calls.count(len(ids)) == 4 * model.config.n_layer + 1  # qkv bias, GELU, layer norms: rows in parts
     np.testing.assert_allclose(parts, whole, rtol=0, atol=1e-5 * max(1, np.abs(whole).max()))
 
 
