@@ -157,8 +157,8 @@ def weight_flops_per_token(config: GPT2Config) -> int:
     return 2 * config.n_layer * (E * 3 * E + E * E + E * F + F * E)
 
 
-def gemm_throughput(p: M.Params, config: GPT2Config, reps: int, rows: int = 1024) -> float:
-    """GFLOP/s of the prefill products [rows, in] @ W for the first layers' weights."""
+def gemm_products(p: M.Params, config: GPT2Config, rows: int = 1024):
+    """(run, flops): the prefill-sized products [rows, in] @ W for the first layers' weights."""
     E, F = config.n_embd, config.d_mlp
     x, h = np.full((rows, E), 0.01, np.float32), np.full((rows, F), 0.01, np.float32)
     blocks = p.blocks[:4]
@@ -169,7 +169,13 @@ def gemm_throughput(p: M.Params, config: GPT2Config, reps: int, rows: int = 1024
             x @ b.attn_proj.w
             x @ b.c_fc.w
             h @ b.mlp_proj.w
-    return len(blocks) * weight_flops_per_token(config) / config.n_layer * rows / best(run, reps) / 1e9
+    return run, len(blocks) * weight_flops_per_token(config) / config.n_layer * rows
+
+
+def gemm_throughput(p: M.Params, config: GPT2Config, reps: int, rows: int = 1024) -> float:
+    """GFLOP/s of the prefill products (`gemm_products`), best of `reps`."""
+    run, flops = gemm_products(p, config, rows)
+    return flops / best(run, reps) / 1e9
 
 
 # ---------------------------------------------------------------------------------------- the model
@@ -205,15 +211,18 @@ def batched_steps(model, seqs: int, ctx: int, steps: int) -> dict:
             "tokens_per_s": seqs / st * 1000, "kv_read_mb": kv_bytes / 1e6}
 
 
-def prefill(model, T: int, gemm: float, reps: int) -> dict:
+def prefill(model, T: int, reps: int) -> dict:
+    """A T-token prompt's pass (fresh cache, last position's logits), each run timed right after
+    one of the GEMM products (`gemm_products`): GFLOP/s of each, medians, side by side."""
     cfg, p = model.config, model.params
     ids = np.arange(T) % 50000
-    seconds = best(lambda: M.forward(p, cfg, ids, M.KVCache(cfg, T)), reps)
+    gemm_run, gemm_flops = gemm_products(p, cfg)
+    gemm_ms, ms = side_by_side(gemm_run, lambda _: M.forward(p, cfg, ids, M.KVCache(cfg, T)), reps)
     attention_flops = 2 * cfg.n_layer * cfg.n_embd * T * (T + 1)  # QK^T and AV over the causal half
     flops = weight_flops_per_token(cfg) * T + attention_flops + 2 * cfg.n_embd * cfg.vocab_size
-    gflops = flops / seconds / 1e9
-    return {"tokens": T, "seconds": seconds, "tokens_per_s": T / seconds, "gflop": flops / 1e9, "gflops": gflops,
-            "fraction_of_gemm": gflops / gemm}
+    gflops, gemm = flops / ms / 1e6, gemm_flops / gemm_ms / 1e6
+    return {"tokens": T, "seconds": ms / 1000, "tokens_per_s": T / ms * 1000, "gflop": flops / 1e9,
+            "gflops": gflops, "gemm_gflops": gemm, "fraction_of_gemm": gflops / gemm}
 
 
 def naive_ms_per_token(model, folder: Path, ctx: int, n: int) -> float:
@@ -341,7 +350,7 @@ def bench_model(name: str, folder: Path, quick: bool) -> dict:
     steps = 12 if quick else 40
     r["decode"] = [decode_vs_stack(model, ctx, steps) for ctx in (16, 128, 256, 512, 768, 1000)]
     r["stack_ms"] = statistics.median(d["stack_ms"] for d in r["decode"])
-    r["prefill"] = [prefill(model, T, r["gemm_gflops"], max(2, reps // 2)) for T in (16, 128, 512, 1024)]
+    r["prefill"] = [prefill(model, T, reps) for T in (16, 128, 512, 1024)]
     if name == "124M":
         r["batched_steps"] = [batched_steps(model, seqs, ctx, 6 if quick else 16)
                               for ctx in (64, 512) for seqs in (1, 2, 4, 8, 16, 32, 64)]
@@ -402,10 +411,11 @@ def markdown(env: dict, results: list[dict], tok: dict, plotted: bool) -> str:
                   "| ---: | ---: | ---: | ---: | ---: |"]
         lines += [f"| {d['context']} | {d['ms_per_token']:.2f} | {1000 / d['ms_per_token']:.1f} | "
                   f"{d['stack_ms']:.2f} ms | {d['fraction_of_stack']:.0%} |" for d in r["decode"]]
-        lines += ["", "| prefill tokens | seconds | tokens/s | GFLOP/s | fraction of GEMM |",
-                  "| ---: | ---: | ---: | ---: | ---: |"]
+        lines += ["", "Prefill (medians), each pass timed right after the GEMM products it is measured against:", "",
+                  "| prefill tokens | seconds | tokens/s | GFLOP/s | GEMM, same moment | fraction of GEMM |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: |"]
         lines += [f"| {p['tokens']} | {p['seconds']:.3f} | {p['tokens_per_s']:.0f} | {p['gflops']:.0f} | "
-                  f"{p['fraction_of_gemm']:.0%} |" for p in r["prefill"]]
+                  f"{p.get('gemm_gflops', r['gemm_gflops']):.0f} | {p['fraction_of_gemm']:.0%} |" for p in r["prefill"]]
         if r.get("batched_steps"):
             lines += ["", "Decode steps of many sequences (the engine, every sequence decoding) against their floor, "
                       "the bare weight products at as many rows (LM head included), timed one after the other. "
