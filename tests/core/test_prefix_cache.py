@@ -188,3 +188,29 @@ def test_segments_are_freed_with_their_last_block_and_compacted_when_half_unused
     cache._remove(keys[2])
     cache._remove(keys[3])
     assert cache.bytes == 0 and not cache.blocks and not cache.children
+
+
+def test_a_prompt_is_cached_in_the_step_after_its_first_token(model):
+    """The copy into the prefix cache is not on the way of a prompt's first token: the step that
+    reads the prompt returns the token with the cache still empty; the next step (the engine is
+    not idle until then) caches the prompt, and only then does the sequence's KV slot, which
+    ended with that token, go back to the pool. A failure there fails a running sequence."""
+    prompt = ids(np.random.default_rng(9), 3 * BLOCK + 5)
+    e = model.engine(prefix_cache=64)
+    s = e.add(prompt, Options(n_tokens=1, stop_at_eos=False))
+    events = e.step()
+    assert [ev.token for ev in events if ev.sequence is s and ev.token is not None] == s.result.ids
+    assert s.done and not e.prefix_cache.blocks and s.cache is None and not e.idle
+    assert not e.kv_pool.free or e.kv_pool.free[0] != (0, 0)  # its slot is kept for the copy
+    assert e.step() == [] and e.idle
+    assert len(e.prefix_cache.blocks) == 4 and (0, 0) in e.kv_pool.free
+    again = e.add(prompt, Options(n_tokens=1, stop_at_eos=False))
+    e.run()
+    assert again.result.cached_tokens == len(prompt) - 1 and again.result.ids == s.result.ids
+
+    broken = model.engine(prefix_cache=64)
+    broken._cache_prompt = lambda seq, cache: 1 / 0
+    s = broken.add(prompt, Options(n_tokens=5, stop_at_eos=False))
+    broken.run()
+    assert s.result.stop_reason == "error" and "caching the prompt failed" in s.result.error
+    assert len(broken.kv_pool.free) == broken.kv_pool.arenas[0].slots  # every slot back
