@@ -124,7 +124,7 @@ def copy_bandwidth(reps: int) -> float:
 
 def matmul_stack(p: M.Params, rows: int = 1):
     """One decode step's weight products for `rows` sequences and nothing else: every weight
-    matmul and the LM head, in the forms the model takes them (`model.matmul`; at one row, x @ w)."""
+    matmul and the LM head, in the forms the model takes them (`model.matmul`, `model.lm_head`)."""
     E = p.wte.shape[1]
     x = np.full((rows, E), 0.01, np.float32)
     h = np.full((rows, p.blocks[0].c_fc.w.shape[1]), 0.01, np.float32)
@@ -135,7 +135,7 @@ def matmul_stack(p: M.Params, rows: int = 1):
             M.matmul(x, b.attn_proj.w)
             M.matmul(x, b.c_fc.w)
             M.matmul(h, b.mlp_proj.w)
-        M.matmul(x, p.wte.T)
+        M.lm_head(p, x)
     return run
 
 
