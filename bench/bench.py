@@ -206,7 +206,7 @@ def batched_steps(model, seqs: int, ctx: int, steps: int) -> dict:
     engine.cancel_all()
     engine.run()
     cfg = model.config  # the keys and values a step reads: every position of every sequence, each layer
-    kv_bytes = seqs * (ctx + 2 + steps / 2) * 2 * cfg.n_layer * cfg.n_embd * 4
+    kv_bytes = seqs * (ctx + 2 + steps / 2) * cfg.kv_bytes_per_position
     return {"sequences": seqs, "context": ctx, "step_ms": st, "products_ms": pr, "step_over_products": st / pr,
             "tokens_per_s": seqs / st * 1000, "kv_read_mb": kv_bytes / 1e6}
 

@@ -75,6 +75,11 @@ class GPT2Config:
         return self.n_embd // self.n_head
 
     @property
+    def kv_bytes_per_position(self) -> int:
+        """The keys and values one position keeps in a KV cache: every layer's, float32."""
+        return 2 * self.n_layer * self.n_embd * 4
+
+    @property
     def d_mlp(self) -> int:
         return self.n_inner if self.n_inner is not None else 4 * self.n_embd
 

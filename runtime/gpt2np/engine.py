@@ -124,7 +124,7 @@ class Engine:
                  prefill_stall: float | None = None):
         if any(n is not None and n < 1 for n in (max_batch, prefill_chunk, max_batched_tokens)):
             raise ValueError("max_batch, prefill_chunk and max_batched_tokens must be at least 1")
-        full_cache = 2 * config.n_layer * config.n_embd * config.n_positions * 4
+        full_cache = config.kv_bytes_per_position * config.n_positions
         self.kv_pool = KVPool(config, min(2 * full_cache, KV_POOL_BYTES))  # every sequence's cache: arena slots
         self.pacer = PrefillPacer(prefill_stall) if prefill_stall is not None else None
         self._offered = 0  # the prompt tokens the pacer allowed this step

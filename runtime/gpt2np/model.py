@@ -127,7 +127,7 @@ class KVArena:
 
     def __init__(self, config: GPT2Config, slots: int):
         L, H, D, P = config.n_layer, config.n_head, config.head_dim, config.n_positions
-        half = L * H * P * D * 4  # the keys (or values) of one slot, in bytes
+        half = config.kv_bytes_per_position * P // 2  # the keys (or values) of one slot, in bytes
         self.stride = -(-2 * half // mmap.PAGESIZE) * mmap.PAGESIZE  # slots begin on a page
         self.memory = mmap.mmap(-1, self.stride * slots, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         kv = np.ndarray((slots, 2, L, H, P, D), dtype=np.float32, buffer=self.memory,
@@ -137,8 +137,7 @@ class KVArena:
 
     @classmethod
     def slots_for(cls, config: GPT2Config) -> int:
-        per_slot = 2 * config.n_layer * config.n_embd * config.n_positions * 4
-        return max(1, min(16, cls.BYTES // per_slot))
+        return max(1, min(16, cls.BYTES // (config.kv_bytes_per_position * config.n_positions)))
 
     def release(self, i: int) -> None:
         """Give slot i's pages back to the system (they read as zeros after)."""
@@ -155,7 +154,6 @@ class KVPool:
 
     def __init__(self, config: GPT2Config, max_bytes: int):
         self.config, self.max_bytes = config, max_bytes
-        self.per_position = 2 * config.n_layer * config.n_embd * 4
         self.arenas: list[KVArena] = []
         self.free: list[tuple[int, int]] = []  # (arena, slot) of the free slots, kept sorted
         self.touched: dict[tuple[int, int], int] = {}  # positions whose pages a free slot holds
@@ -178,7 +176,7 @@ class KVPool:
         cache.share([])  # let go of what it read in place
         self.free.append(at)
         self.free.sort()
-        while sum(self.touched.values()) * self.per_position > self.max_bytes:
+        while sum(self.touched.values()) * self.config.kv_bytes_per_position > self.max_bytes:
             last = max(self.touched)
             self.arenas[last[0]].release(last[1])
             del self.touched[last]

@@ -127,7 +127,7 @@ class PrefixCache:
     @staticmethod
     def bytes_per_position(config: GPT2Config) -> int:
         """What one cached position costs: its keys and values, and its scoring record."""
-        return 2 * config.n_layer * config.n_embd * 4 + 4 + 8 + TOP * 12 + 4
+        return config.kv_bytes_per_position + 4 + 8 + TOP * 12 + 4
 
     def lookup(self, keys: list[bytes], need_stats: bool) -> list[Block]:
         """The cached blocks that begin the prefix with these keys, in order (with `need_stats`,
