@@ -188,8 +188,8 @@ class Engine:
         no caller waits for an event that will not come."""
         held = list(self._held.values())
         self._held, self._ended, self.running, self.waiting = {}, [], [], collections.deque()
-        for s, cache in self._uncached:
-            self._let_go(s, cache)
+        for _, cache in self._uncached:
+            self.kv_pool.give(cache)
         self._uncached = []
         self._inflight = {}
         for s in held:
@@ -261,7 +261,7 @@ class Engine:
                     _guarded(s, events, "reading a shared prompt", self._take_lent, s)
             for s, _ in ready:  # their prompts go into the prefix cache at the next step (`_cache_prompts`)
                 if s.fresh and not s.done and self.prefix_cache is not None:
-                    s.keep_cache = True
+                    self.kv_pool.keep(s.cache)
                     self._uncached.append((s, s.cache))
             logits = norms = iter(())
             if rows is not None:
@@ -453,8 +453,9 @@ class Engine:
     def _cache_prompts(self, events: list[Event]) -> None:
         """Keep the prompts read in the last step in the prefix cache. Done a step later, so that
         their first tokens go out first: the copy is not on their way (a lone 1000-token prompt of
-        124M: 40-60 ms of its first token's 1.1 s). Until then each sequence's cache is kept,
-        even if it has ended; the cache holds them before this step admits anyone."""
+        124M: 40-60 ms of its first token's 1.1 s). Until then the engine holds each sequence's
+        KV slot too (`KVPool.keep`), even if the sequence has ended; the prefix cache has them
+        before this step admits anyone."""
         for s, cache in self._uncached:
             try:
                 self._cache_prompt(s, cache)
@@ -463,13 +464,8 @@ class Engine:
                 if not s.done:
                     s.fail(f"caching the prompt failed: {type(e).__name__}: {e}")
                     events.append(Event(s))
-            self._let_go(s, cache)
-        self._uncached = []
-
-    def _let_go(self, s: SequenceState, cache: KVCache) -> None:
-        s.keep_cache = False
-        if s.cache is not cache:  # the sequence has let go of it (ended, or began a new window)
             self.kv_pool.give(cache)
+        self._uncached = []
 
     def _cache_prompt(self, s: SequenceState, cache: KVCache) -> None:
         """Keep the blocks of `s`'s prompt that the cache lacks, now that every position is

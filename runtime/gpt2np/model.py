@@ -157,6 +157,7 @@ class KVPool:
         self.arenas: list[KVArena] = []
         self.free: list[tuple[int, int]] = []  # (arena, slot) of the free slots, kept sorted
         self.touched: dict[tuple[int, int], int] = {}  # positions whose pages a free slot holds
+        self.kept: dict[tuple[int, int], int] = {}  # holders beyond the first of a slot in use (`keep`)
 
     def take(self, capacity: int) -> KVCache:
         if capacity > self.config.n_positions:
@@ -169,9 +170,21 @@ class KVPool:
         cache.touched = self.touched.pop((a, i), 0)
         return cache
 
-    def give(self, cache: KVCache) -> None:
+    def keep(self, cache: KVCache) -> None:
+        """One more holder of `cache` (taken, not yet given): its slot is free only when every
+        holder has given it back."""
+        at = self._at(cache)
+        self.kept[at] = self.kept.get(at, 0) + 1
+
+    def _at(self, cache: KVCache) -> tuple[int, int]:
         arena, i = cache.slot
-        at = (self.arenas.index(arena), i)
+        return self.arenas.index(arena), i
+
+    def give(self, cache: KVCache) -> None:
+        at = self._at(cache)
+        if self.kept.get(at):  # another holder still reads it
+            self.kept[at] -= 1
+            return
         self.touched[at] = max(cache.touched, cache.length - cache.shared)
         cache.share([])  # let go of what it read in place
         self.free.append(at)

@@ -101,7 +101,6 @@ class SequenceState:
         self.cancelled = False
         self.done = False
         self.cache: KVCache | None = None  # allocated when the engine admits the sequence
-        self.keep_cache = False  # the engine still reads the cache (its prompt into the prefix cache)
         self.kv_pool: KVPool | None = None  # where its cache comes from and goes back to (the engine's)
         self.submitted_at = time.perf_counter()
         self.admitted_at = self.first_token_at = self.finished_at = 0.0
@@ -165,8 +164,8 @@ class SequenceState:
         self.cache.share(prefix)
 
     def _release_cache(self) -> None:
-        if self.cache is not None and self.kv_pool is not None and not self.keep_cache:
-            self.kv_pool.give(self.cache)  # (a kept cache goes back when the engine is done with it)
+        if self.cache is not None and self.kv_pool is not None:
+            self.kv_pool.give(self.cache)
         self.cache = None
 
     def score_rows(self, first: int, n: int) -> slice:
