@@ -11,12 +11,14 @@ import codecs
 import hashlib
 import json
 import re
+from functools import cached_property
 from itertools import chain, repeat
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
 import regex
 
+from .bpe_long import PairTable, merge as merge_long
 from .errors import GPT2Error
 
 # OpenAI's pattern from gpt-2/src/encoder.py, unchanged: case-sensitive contractions, letters,
@@ -32,6 +34,9 @@ _CUT = regex.compile(r"(?<=\S) (?=\S)")
 _LAST_CUT = regex.compile(r"(?r)(?<=\S) (?=\S)")
 ENDOFTEXT = "<|endoftext|>"
 _CACHE_LIMIT = 200_000  # pieces; bounds memory on adversarial text
+_CACHED_PIECE = 64  # longer pieces are not kept: a cache of long pieces would hold the text itself
+_LONG_PIECE = 320  # bytes: from here on a piece is merged in NumPy rounds (`bpe_long`), where the
+# pair-at-a-time loop's cost grows with the square of the length (both ~0.75 ms at 256 bytes)
 _NO_MERGE = float("inf")
 # SHA-256 of OpenAI's GPT-2 vocab.json/encoder.json and merges.txt/vocab.bpe: the files for which
 # `Tokenizer._merge_fast` is proven exact. Other vocabularies take encoder.py's loop.
@@ -50,6 +55,15 @@ def bytes_to_unicode() -> dict[int, str]:
             table[b] = chr(256 + extra)
             extra += 1
     return table
+
+
+class TokenLimitError(GPT2Error):
+    """`Tokenizer.encode(text, limit=N)`: the text needs more than N tokens. `at_least` is a lower
+    bound of how many (the exact count when the whole text was encoded)."""
+
+    def __init__(self, limit: int, at_least: int):
+        super().__init__(f"the text needs at least {at_least} tokens, more than the limit of {limit}", "prompt")
+        self.limit, self.at_least = limit, at_least
 
 
 class Tokenizer:
@@ -81,6 +95,10 @@ class Tokenizer:
                 pass  # not a byte-level token; decoding it is an error
         for s, i in self.special_tokens.items():
             self._token_bytes[i] = s.encode("utf-8")
+        self._byte_tokens = [encoder[byte_encoder[b]] for b in range(256)] if all(
+            c in encoder for c in byte_encoder.values()) else None  # byte-level vocabularies have all 256
+        # No token is longer than this many bytes, so a text of n bytes needs n / this tokens at least.
+        self.longest_token = max(map(len, self._token_bytes.values()), default=1)
         self._pattern = regex.compile(GPT2_PATTERN)
         self._cache: dict[str, tuple[int, ...]] = {}
         self._special_pattern = (regex.compile("|".join(regex.escape(s) for s in self.special_tokens))
@@ -120,14 +138,27 @@ class Tokenizer:
     def n_vocab(self) -> int:
         return len(self.encoder)
 
-    def encode(self, text: str, *, allowed_special: bool | Iterable[str] = False) -> list[int]:
+    def encode(self, text: str, *, allowed_special: bool | Iterable[str] = False,
+               limit: int | None = None) -> list[int]:
         """Encode `text` to token ids, exactly as GPT-2's reference BPE does.
 
         Special tokens such as `<|endoftext|>` are encoded as ordinary text unless allowed:
         `allowed_special=True` turns every occurrence of every special token into its id, or
         pass a set of the special token strings to allow. Lone surrogates (not valid Unicode)
         are replaced by U+FFFD first, as tiktoken does.
+
+        `limit`: the most tokens the caller can use. A text that needs more raises
+        `TokenLimitError`, without encoding it when its length alone shows it (a text of n
+        characters needs at least n / `longest_token` tokens), so refusing a huge text is cheap.
         """
+        if limit is not None and len(text) > limit * self.longest_token:
+            raise TokenLimitError(limit, -(-len(text) // self.longest_token))
+        ids = self._encode(text, allowed_special)
+        if limit is not None and len(ids) > limit:
+            raise TokenLimitError(limit, len(ids))
+        return ids
+
+    def _encode(self, text: str, allowed_special: bool | Iterable[str]) -> list[int]:
         if allowed_special is True:
             allowed = set(self.special_tokens)
         elif allowed_special is False:
@@ -195,9 +226,26 @@ class Tokenizer:
         if len(cache) + len(missing) > _CACHE_LIMIT:
             cache.clear()
             missing = set(pieces)
+        long = {}
         for piece in missing:
-            cache[piece] = self._bpe(self._byte_chars(piece))
+            if len(piece) > _CACHED_PIECE:
+                long[piece] = self._bpe_bytes(piece.encode("utf-8"))
+            else:
+                cache[piece] = self._bpe(self._byte_chars(piece))
+        if long:
+            return list(chain.from_iterable(long[p] if p in long else cache[p] for p in pieces))
         return list(chain.from_iterable(map(cache.__getitem__, pieces)))
+
+    def _bpe_bytes(self, data: bytes) -> tuple[int, ...]:
+        """Token ids of one piece's UTF-8 bytes: long pieces in NumPy rounds (`bpe_long`)."""
+        if len(data) >= _LONG_PIECE and self._byte_tokens is not None:
+            return tuple(merge_long(self._pair_table, data).tolist())
+        return self._bpe(data.decode("latin-1").translate(self._byte_table))
+
+    @cached_property
+    def _pair_table(self) -> PairTable:
+        """The merges as arrays for `bpe_long`, built the first time a long piece comes (~50 ms)."""
+        return PairTable(self.ranks, self.encoder, self._byte_tokens)
 
     def _byte_chars(self, piece: str) -> str:
         """The piece's UTF-8 bytes as GPT-2's printable characters (what BPE merges)."""

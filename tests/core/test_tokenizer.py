@@ -193,3 +193,89 @@ def test_explain_shows_the_merges_that_encode_applies(tokenizer):
         assert all(tok.ranks[(a, b)] == r for a, b, r in p.merges)
     world = next(p for p in pieces if p.text == " world")
     assert world.byte_chars == "Ġworld" and world.tokens == ["Ġworld"] and len(world.merges) == 5
+
+
+# ---------------------------------------------------------------------------------- long pieces
+# GPT-2's regex makes one piece of each run of letters, digits or CJK characters, however long;
+# pieces from 320 bytes on are merged in NumPy rounds (`gpt2np.bpe_long`).
+
+def _long_pieces():
+    rng = random.Random(7)
+    latin = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    mixed = latin + "éüßøαβγδεζηθλμπσωабвгдежзийклмнопрстуфхцчшщыэюя日本語中文한국어ひらがなカタカナ"
+    yield "one letter", "a" * 100_000
+    yield "two letters", "ab" * 50_000
+    yield "letters", "".join(rng.choices(latin[:26], k=1 << 20))
+    yield "digits", "".join(rng.choices("0123456789", k=300_000))
+    yield "cjk", "".join(chr(rng.randint(0x4E00, 0x9FFF)) for _ in range(200_000))
+    yield "mixed scripts", "".join(rng.choices(mixed, k=300_000))
+    yield "words run together", "".join(rng.choice(["the", "tokenizer", "Hello", "world", "ation", "ing", "aaa"])
+                                        for _ in range(100_000))
+    yield "a long word, spaced", " " + "Pneumonoultramicroscopicsilicovolcanoconiosis" * 2000
+
+
+@pytest.mark.parametrize("name,text", list(_long_pieces()), ids=[name for name, _ in _long_pieces()])
+def test_long_pieces_equal_tiktoken(tokenizer, reference, name, text):
+    assert len(tokenizer.split(text)) == 1  # one piece
+    ids = tokenizer.encode(text)
+    assert ids == reference.encode_ordinary(text)
+    assert tokenizer.decode(ids) == text
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["a", "b", "aa", "ab", "e", "r", "t", "th", "in", "1", "0", "日", "é", "ß"]),
+                min_size=1, max_size=400))
+def test_rounds_equal_both_merge_loops(tokenizer, reference_loop, parts):
+    """Small alphabets make the ties and chains that the rounds must order as the loop does."""
+    from gpt2np.bpe_long import merge
+    data = "".join(parts).encode("utf-8")
+    word = tokenizer._byte_chars(data.decode("utf-8"))
+    got = merge(tokenizer._pair_table, data).tolist()
+    assert got == list(tokenizer._ids(tokenizer._merge_fast(word)))
+    assert got == list(reference_loop._ids(reference_loop._merge_reference(word)))
+
+
+def _toy_tokenizer(merges):
+    """A byte-level vocabulary with the given merges (on letters), in which merged tokens need
+    not come before the pairs that contain them: the rounds must fall back to one merge at a time."""
+    from gpt2np import Tokenizer
+    byte_chars = list(bytes_to_unicode().values())
+    tokens = byte_chars + [a + b for a, b in merges]
+    encoder = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    return Tokenizer(encoder, merges, gpt2_vocab=False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="abc", min_size=1, max_size=600))
+def test_rounds_equal_the_loop_for_any_merge_order(text):
+    # ("bb", "bb") ranks below ("b", "b"), which makes "bb"; ("cc", "cc") below ("c", "c")
+    tok = _toy_tokenizer([("b", "c"), ("bb", "bb"), ("a", "bc"), ("cc", "cc"), ("a", "b"), ("ab", "c"), ("a", "a"),
+                          ("c", "c"), ("aa", "a"), ("b", "b"), ("bbbb", "a"), ("ab", "ab"), ("c", "abc"),
+                          ("aaa", "bc")])
+    from gpt2np.bpe_long import merge
+    expected = list(tok._ids(tok._merge_reference(text)))
+    assert merge(tok._pair_table, text.encode()).tolist() == expected
+    assert tok.encode(text * 4) == list(tok._ids(tok._merge_reference(text * 4)))
+
+
+def test_limit_refuses_a_huge_text_without_encoding_it(tokenizer, monkeypatch):
+    from gpt2np.tokenizer import TokenLimitError
+    assert tokenizer.longest_token == max(len(tokenizer.decode_bytes([i])) for i in range(50257))
+    text = "x" * (1024 * tokenizer.longest_token + 1)
+    monkeypatch.setattr(tokenizer, "_encode", lambda *a: pytest.fail("a text too long by its length was encoded"))
+    with pytest.raises(TokenLimitError) as e:
+        tokenizer.encode(text, limit=1024)
+    assert e.value.limit == 1024 and e.value.at_least == 1025 and e.value.field == "prompt"
+
+
+def test_limit_counts_exactly_below_the_length_bound(tokenizer):
+    from gpt2np.tokenizer import TokenLimitError
+    text = "Hello world" * 100
+    n = len(tokenizer.encode(text))
+    assert tokenizer.encode(text, limit=n) == tokenizer.encode(text)
+    with pytest.raises(TokenLimitError) as e:
+        tokenizer.encode(text, limit=n - 1)
+    assert e.value.at_least == n
+    with pytest.raises(TokenLimitError):
+        tokenizer.encode("<|endoftext|>" * 3, allowed_special=True, limit=2)
+    assert tokenizer.encode("<|endoftext|>" * 3, allowed_special=True, limit=3) == [50256] * 3
