@@ -108,9 +108,10 @@ class GPT2:
         self.tokenizer = tokenizer
         self.metadata = metadata or {}
 
-    def encode(self, text: str, *, allowed_special: bool | Iterable[str] = False) -> list[int]:
-        """Token ids of `text` (see `Tokenizer.encode`; `<|endoftext|>` is plain text by default)."""
-        return self.tokenizer.encode(text, allowed_special=allowed_special)
+    def encode(self, text: str, *, allowed_special: bool | Iterable[str] = False, limit: int | None = None) -> list[int]:
+        """Token ids of `text` (see `Tokenizer.encode`; `<|endoftext|>` is plain text by default;
+        `limit`: refuse, as early as possible, a text that needs more tokens)."""
+        return self.tokenizer.encode(text, allowed_special=allowed_special, limit=limit)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of token ids; invalid UTF-8 byte sequences become U+FFFD."""
@@ -135,11 +136,12 @@ class GPT2:
             raise GPT2Error(f"trace needs 1 to {self.config.n_positions} tokens, got {len(arr)}")
         return reference.trace(self.params, self.config, arr)
 
-    def prompt_ids(self, prompt: str | Sequence[int], *, special: bool = False) -> list[int]:
+    def prompt_ids(self, prompt: str | Sequence[int], *, special: bool = False, limit: int | None = None) -> list[int]:
         """A prompt's token ids, by the one rule every front door uses (`gpt2np.prompts.prompt_ids`):
         text is encoded, empty text is `<|endoftext|>`, ids are checked against the vocabulary;
-        `special`: `<|endoftext|>` in the text is the special token."""
-        return prompt_ids(prompt, self.tokenizer, self.config, special=special)
+        `special`: `<|endoftext|>` in the text is the special token; `limit`: text that needs
+        more tokens raises `TokenLimitError` without being encoded whole."""
+        return prompt_ids(prompt, self.tokenizer, self.config, special=special, limit=limit)
 
     def options(self, n_tokens: int = 50, **options) -> Options:
         """The generation options (see `gpt2np.options.Options`), checked."""

@@ -31,22 +31,23 @@ def check_ids(ids: Sequence[int], config: GPT2Config) -> np.ndarray:
 
 
 def text_ids(text: str | Sequence[int], tokenizer: Tokenizer, config: GPT2Config, *,
-             special: bool = False) -> list[int]:
+             special: bool = False, limit: int | None = None) -> list[int]:
     """Text encoded, or token ids checked against the vocabulary; anything else is an error.
     `special`: `<|endoftext|>` written in the text is the special token (as OpenAI's and vLLM's
-    servers read it) rather than plain text (the API's default)."""
+    servers read it) rather than plain text (the API's default). `limit`: text that needs more
+    tokens raises `TokenLimitError`, as soon as that is known (see `Tokenizer.encode`)."""
     if isinstance(text, str):
-        return tokenizer.encode(text, allowed_special=special)
+        return tokenizer.encode(text, allowed_special=special, limit=limit)
     if isinstance(text, (list, tuple, range, np.ndarray)):
         return [int(i) for i in check_ids(text, config)]
     raise GPT2Error(f"a prompt must be a string or a list of token ids, not {type(text).__name__}", "prompt")
 
 
 def prompt_ids(prompt: str | Sequence[int], tokenizer: Tokenizer, config: GPT2Config, *,
-               special: bool = False) -> list[int]:
+               special: bool = False, limit: int | None = None) -> list[int]:
     """A prompt's token ids (`text_ids`), where empty text means unconditional generation: it
     starts from `<|endoftext|>`."""
-    ids = text_ids(prompt, tokenizer, config, special=special)
+    ids = text_ids(prompt, tokenizer, config, special=special, limit=limit)
     return (ids or [config.eos_token_id]) if isinstance(prompt, str) else ids
 
 

@@ -122,6 +122,9 @@ class SequenceState:
             if token >= config.vocab_size:
                 raise GPT2Error(f"logit_bias names token {token}, outside the vocabulary (0..{config.vocab_size - 1})",
                                 "logit_bias")
+        # The bias as arrays, once: each step adds it in one operation, not one per entry.
+        self.bias_ids = np.array([t for t, _ in options.logit_bias], np.int64)
+        self.bias = np.array([b for _, b in options.logit_bias], np.float32)
         if len(prompt_ids) > n and not options.sliding_window:
             raise GPT2Error(f"the prompt is {len(prompt_ids)} tokens; the model's context is {n} "
                             "(the sliding window keeps only the most recent part)", "prompt")
@@ -278,8 +281,8 @@ class SequenceState:
             ids = np.fromiter(self.counts, np.int64, len(self.counts))
             counts = np.fromiter(self.counts.values(), np.float32, len(self.counts))
             z[ids] -= np.float32(opts.frequency_penalty) * counts + np.float32(opts.presence_penalty)
-        for token, bias in opts.logit_bias:
-            z[token] += np.float32(bias)
+        if self.bias.size:
+            np.add.at(z, self.bias_ids, self.bias)  # in order, as one `+=` per entry would (a token may repeat)
         return z
 
     def _finish(self, reason: str, text: str, flush: bool = True) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import GPT2
+from ..tokenizer import TokenLimitError
 from . import protocol as P
 from .completions import Completions
 from .metrics import Metrics
@@ -24,6 +26,7 @@ log = logging.getLogger("gpt2np.serve")
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 """The largest request body accepted (413 beyond): room for 64 prompts of 1024 token ids."""
+DEFAULT_BODY_TIMEOUT = 30.0  # seconds for a whole request body to arrive (408 beyond)
 
 
 @dataclass
@@ -34,13 +37,16 @@ class ServerState:
     metrics: Metrics
     api_key: str | None = None
     max_stop: int = P.MAX_STOP  # stop strings a request may give
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
     started: int = field(default_factory=P.now)
     draining: bool = False
     in_flight: int = 0  # completion requests not yet answered in full
 
 
-def error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+def error_response(e: APIError, close: bool = False) -> JSONResponse:
+    """`close`: the request's body was not read, so the connection cannot carry another request."""
+    headers = {**(e.headers or {}), **({"Connection": "close"} if close else {})}
+    return JSONResponse(e.body(), status_code=e.status, headers=headers or None)
 
 
 class Guard:
@@ -65,8 +71,11 @@ class Guard:
             error = self.check(scope, path)
             if error is None and scope["method"] in ("POST", "PUT", "PATCH"):
                 receive, error = await self.read_body(scope, receive)
+                if error is None:
+                    error = self.check_content_type(scope)
             if error is not None:
-                return await error_response(error)(scope, receive, send_status)
+                # the body was not read (or not whole): close, as nothing after it can be parsed
+                return await error_response(error, close=True)(scope, receive, send_status)
             await self.app(scope, receive, send_status)
         finally:
             if path.startswith("/v1/") or path in _TOKENIZER_PATHS:
@@ -79,22 +88,40 @@ class Guard:
                             code="shutting_down")
         key = self.state.api_key
         if key and (path.startswith("/v1/") or path in _TOKENIZER_PATHS):
-            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            given = auth[7:] if auth[:7].lower() == "bearer " else ""
-            if not hmac.compare_digest(given.encode(), key.encode()):
+            auth = dict(scope["headers"]).get(b"authorization", b"")  # bytes as sent: a UTF-8 key matches
+            given = auth[7:] if auth[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(given, key.encode("utf-8")):
                 return APIError(401, "Incorrect API key provided: pass it as `Authorization: Bearer KEY`",
                                 code="invalid_api_key")
         return None
 
+    @staticmethod
+    def check_content_type(scope) -> APIError | None:
+        """415 unless the body is sent as JSON (no Content-Type is read as JSON too, as FastAPI does)."""
+        given = dict(scope["headers"]).get(b"content-type")
+        if given is None:
+            return None
+        kind = given.split(b";")[0].strip().lower()
+        if kind == b"application/json" or kind.startswith(b"application/") and kind.endswith(b"+json"):
+            return None
+        return APIError(415, f"the body must be JSON, sent with `Content-Type: application/json` "
+                             f"(got {given.decode('latin-1')[:100]!r})", code="unsupported_media_type")
+
     async def read_body(self, scope, receive):
-        """The whole body, refused with 413 past MAX_BODY_BYTES (by its Content-Length at once)."""
+        """The whole body, refused with 413 past MAX_BODY_BYTES (by its Content-Length at once)
+        and with 408 if it has not all come within the body timeout."""
         length = dict(scope["headers"]).get(b"content-length")
         too_big = APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
         if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
             return receive, too_big
         chunks, size = [], 0
+        deadline = asyncio.get_running_loop().time() + self.state.body_timeout
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except asyncio.TimeoutError:
+                return receive, APIError(408, f"the request body did not arrive within {self.state.body_timeout:g} s",
+                                         code="request_timeout")
             if message["type"] == "http.disconnect":
                 return receive, APIError(400, "the client went away")
             chunks.append(message.get("body", b""))
@@ -143,7 +170,7 @@ def create_app(state: ServerState) -> FastAPI:
                                            code="not_found"))
         if e.status_code == 405:
             return error_response(APIError(405, f"{request.method} is not allowed on {request.url.path}",
-                                           code="method_not_allowed"))
+                                           code="method_not_allowed", headers=e.headers))
         return error_response(APIError(e.status_code, str(e.detail)))
 
     @app.exception_handler(Exception)
@@ -151,17 +178,19 @@ def create_app(state: ServerState) -> FastAPI:
         log.exception("unexpected error")
         return error_response(APIError(500, f"internal error: {type(e).__name__}", type="server_error"))
 
-    @app.get("/health")
+    get = app.api_route  # GET routes answer HEAD too (the same headers, no body), as HTTP asks
+
+    @get("/health", methods=["GET", "HEAD"])
     async def health():
         return Response(status_code=200)
 
     card = P.model_card(state.model_name, state.started, state.model.config.n_positions)
 
-    @app.get("/v1/models")
+    @get("/v1/models", methods=["GET", "HEAD"])
     async def list_models():
         return P.models([card])
 
-    @app.get("/v1/models/{name:path}")
+    @get("/v1/models/{name:path}", methods=["GET", "HEAD"])
     async def get_model(name: str):
         completions.check_model(name)
         return card
@@ -190,7 +219,7 @@ def create_app(state: ServerState) -> FastAPI:
         raise APIError(400, "GPT-2 has no chat format, so this server has no chat endpoint: "
                             "use /v1/completions with a prompt", code="unsupported_endpoint")
 
-    @app.get("/tokenizer_info")
+    @get("/tokenizer_info", methods=["GET", "HEAD"])
     async def tokenizer_info():
         config = state.model.config
         return P.tokenizer_info(state.model.tokenizer, config.eos_token_id, config.n_positions)
@@ -203,7 +232,11 @@ def create_app(state: ServerState) -> FastAPI:
                            param="messages")
         if req.prompt is None:
             raise APIError(400, "prompt is required", param="prompt")
-        tokens = await run_in_threadpool(state.model.encode, req.prompt, allowed_special=True)
+        try:
+            tokens = await run_in_threadpool(state.model.encode, req.prompt, allowed_special=True, limit=P.MAX_TOKENIZE)
+        except TokenLimitError as e:
+            raise APIError(400, f"/tokenize takes texts of at most {P.MAX_TOKENIZE} tokens; this one needs at least "
+                                f"{e.at_least}", param="prompt", code="prompt_too_long") from None
         tok = state.model.tokenizer
         strs = [tok.id_to_token.get(t) or tok.decode([t]) for t in tokens] if req.return_token_strs else None
         return P.tokenize_response(tokens, state.model.config.n_positions, strs)
@@ -213,7 +246,7 @@ def create_app(state: ServerState) -> FastAPI:
         completions.check_model(req.model)
         return {"prompt": state.model.decode(completions.token_ids(req.tokens, "tokens"))}
 
-    @app.get("/metrics")
+    @get("/metrics", methods=["GET", "HEAD"])
     async def metrics():
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

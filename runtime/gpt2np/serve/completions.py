@@ -14,6 +14,7 @@ from typing import AsyncIterator
 from ..errors import GPT2Error
 from ..options import Options
 from ..sequence import SequenceState
+from ..tokenizer import TokenLimitError
 from . import protocol as P
 from .protocol import APIError, CompletionRequest
 from .worker import EngineWorker, QueueFull
@@ -46,14 +47,24 @@ class Completions:
     # ------------------------------------------------------------------------- request -> sequences
     def prompts(self, req: CompletionRequest) -> list[list[int]]:
         """The request's prompts as token ids, by the core's rule, with `<|endoftext|>` in text the
-        special token (as in OpenAI's and vLLM's servers)."""
+        special token (as in OpenAI's and vLLM's servers). A text that cannot fit the context is
+        refused as soon as that is known, without encoding all of it."""
         p = req.prompt
-        return [self.token_ids(item, "prompt") for item in ([p] if isinstance(p, str) or isinstance(p[0], int) else p)]
+        ctx = self.config.n_positions
+        try:
+            return [self.token_ids(item, "prompt", limit=ctx)
+                    for item in ([p] if isinstance(p, str) or isinstance(p[0], int) else p)]
+        except TokenLimitError as e:
+            raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, your prompt needs "
+                                f"at least {e.at_least} tokens. Please reduce your prompt.", param="prompt",
+                           code="context_length_exceeded") from None
 
-    def token_ids(self, prompt: str | list[int], param: str) -> list[int]:
+    def token_ids(self, prompt: str | list[int], param: str, limit: int | None = None) -> list[int]:
         """Text or token ids from a request as checked ids (400 naming `param` if not)."""
         try:
-            return self.model.prompt_ids(prompt, special=True)
+            return self.model.prompt_ids(prompt, special=True, limit=limit)
+        except TokenLimitError:
+            raise
         except GPT2Error as e:
             raise invalid(e, param) from None
 

@@ -11,12 +11,14 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 MAX_STOP = 4  # OpenAI's limit and vLLM's default; `gpt-serve --max-stop-strings` changes it
 MAX_STOP_CHARS = 1000
 MAX_N = 128
 MAX_LOGPROBS = 5
+MAX_LOGIT_BIAS = 300  # entries, OpenAI's limit
+MAX_TOKENIZE = 65536  # tokens /tokenize encodes at most (64 contexts of 1024)
 
 
 class APIError(Exception):
@@ -41,8 +43,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
-Number = Union[StrictInt, StrictFloat]  # JSON has one number type: 1 is a valid temperature
-TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
+def _integer_valued(v: Any) -> Any:
+    """4.0 is the integer 4, as JSON Schema, vLLM and OpenAI's clients have it (4.5 stays an error)."""
+    return int(v) if type(v) is float and v.is_integer() else v
+
+
+# JSON has one number type: an integer-valued number is an integer, any integer a number.
+Integer = Annotated[StrictInt, BeforeValidator(_integer_valued)]
+Number = float  # strict: an int or a float, never a bool or a string
+TokenIds = Annotated[list[Integer], Field(min_length=1)]
 StopString = Annotated[StrictStr, Field(max_length=MAX_STOP_CHARS)]
 
 
@@ -56,23 +65,25 @@ class CompletionRequest(_Strict):
     model: StrictStr
     prompt: Union[StrictStr, Annotated[list[StrictStr], Field(min_length=1)], TokenIds,
                   Annotated[list[TokenIds], Field(min_length=1)]]
-    # Values are checked by `gpt2np.Options` (its errors name OpenAI's params); these types and the
-    # limits below are OpenAI's own (temperature at most 2, logprobs at most 5, n, seed within int64).
-    max_tokens: Optional[StrictInt] = 16
-    temperature: Optional[Annotated[Number, Field(le=2)]] = None
-    top_p: Optional[Number] = None
-    top_k: Optional[Annotated[StrictInt, Field(ge=-1)]] = None
-    n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
-    best_of: Optional[StrictInt] = None
+    # Values are checked again by `gpt2np.Options` (the one rule of every door); the bounds here are
+    # OpenAI's own, so that the served schema states them.
+    max_tokens: Optional[Annotated[Integer, Field(ge=0)]] = 16
+    temperature: Optional[Annotated[Number, Field(ge=0, le=2)]] = None
+    top_p: Optional[Annotated[Number, Field(gt=0, le=1)]] = None
+    top_k: Optional[Annotated[Integer, Field(ge=-1)]] = None  # -1 and 0: all tokens
+    n: Annotated[Integer, Field(ge=1, le=MAX_N)] = 1
+    best_of: Optional[Integer] = None
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
-    logprobs: Optional[Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)]] = None
+    logprobs: Optional[Annotated[Integer, Field(ge=0, le=MAX_LOGPROBS)]] = None
     echo: StrictBool = False
     stop: Optional[Union[StopString, list[StopString]]] = None  # how many: the server's --max-stop-strings
-    seed: Optional[Annotated[StrictInt, Field(lt=2**63)]] = None
-    presence_penalty: Optional[Number] = 0.0
-    frequency_penalty: Optional[Number] = 0.0
-    logit_bias: Optional[dict[StrictStr, Number]] = None
+    seed: Optional[Annotated[Integer, Field(ge=0, le=2**63 - 1)]] = None
+    presence_penalty: Optional[Annotated[Number, Field(ge=-2, le=2)]] = 0.0
+    frequency_penalty: Optional[Annotated[Number, Field(ge=-2, le=2)]] = 0.0
+    logit_bias: Optional[Annotated[dict[Annotated[StrictStr, Field(pattern=r"^[0-9]+$")],
+                                        Annotated[Number, Field(ge=-100, le=100)]],
+                                   Field(max_length=MAX_LOGIT_BIAS)]] = None
     user: Optional[StrictStr] = None
     suffix: Optional[StrictStr] = None
     ignore_eos: StrictBool = False
@@ -106,7 +117,7 @@ class TokenizeRequest(_Lenient):
 class DetokenizeRequest(_Lenient):
     """POST /detokenize (vLLM's)."""
 
-    tokens: list[StrictInt]
+    tokens: list[Integer]
     model: Optional[StrictStr] = None
 
 
@@ -180,8 +191,12 @@ EXPECTED = {
     "prompt": "a string, a list of strings, a list of token ids, or a list of lists of token ids (none empty)",
     "stop": f"a string or a list of strings, each at most {MAX_STOP_CHARS} characters",
     "temperature": "a number", "top_p": "a number", "presence_penalty": "a number", "frequency_penalty": "a number",
-    "logit_bias": "an object mapping token ids to numbers",
+    "logit_bias": f"an object mapping token ids to numbers from -100 to 100, at most {MAX_LOGIT_BIAS} entries",
 }
+
+
+_BOUNDS = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"), "less_than_equal": ("<=", "le"),
+           "less_than": ("<", "lt")}
 
 
 def describe_validation_error(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
@@ -210,9 +225,15 @@ def describe_validation_error(errors: list[dict[str, Any]]) -> tuple[str, str | 
         return "the body must be a JSON object", None
     same = [e for e in errors if param_of(e) == param]
     specific = [e for e in same if not e.get("type", "").endswith("_type")]
+    if param == "logit_bias":  # a key that is not a token id, a bias out of range, too many entries
+        return f"logit_bias must be {EXPECTED[param]}", param
     if len(same) > 1 and not specific or param in EXPECTED and not specific:
         return f"{param} must be {EXPECTED.get(param, 'of another type')}", param
     e = (specific or same)[0]
+    bound = _BOUNDS.get(e.get("type", ""))
+    if bound is not None and len(e.get("loc", ())) <= 2:  # the field itself out of its range
+        op, key = bound
+        return f"{param} must be {op} {e.get('ctx', {}).get(key)}, got {e.get('input')!r}", param
     where = ".".join(str(p) for p in e.get("loc", ())[1:] if p != "body" and not str(p)[:1].isalpha()
                      or str(p) == param)
     return f"{where or param}: {e.get('msg', 'invalid value')}", param
