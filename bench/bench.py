@@ -320,20 +320,64 @@ def tokenizer_speed(reps: int, megabytes: float) -> dict:
     ids = tok.encode(text)  # cold cache: the cache fills as it goes, as in real use
     ours = size / (time.perf_counter() - t)
     result = {"megabytes": size, "ours_mb_per_s": ours}
-    try:
-        import tiktoken
-        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-        os.environ.setdefault("TIKTOKEN_CACHE_DIR", "")
-        enc = tiktoken.Encoding(
-            "gpt2-local", pat_str=r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
-            mergeable_ranks=data_gym_to_mergeable_bpe_ranks(str(BPE / "vocab.bpe"), str(BPE / "encoder.json")),
-            special_tokens={"<|endoftext|>": 50256})
+    enc = _tiktoken()
+    if enc is not None:
         assert enc.encode_ordinary(text) == ids, "tokenizers disagree"
         result["tiktoken_mb_per_s"] = size / best(lambda: enc.encode_ordinary(text), reps)
         result["fraction_of_tiktoken"] = ours / result["tiktoken_mb_per_s"]
-    except ImportError:
-        pass
+    result["long"] = long_pieces(reps)
     return result
+
+
+def long_pieces(reps: int) -> dict:
+    """One-piece texts (a run of letters, digits or CJK is one regex piece, however long): the
+    NumPy rounds of `gpt2np.bpe_long` against tiktoken, the pair-at-a-time loop at 16 KiB (quadratic:
+    4 MiB would take hours), and what a server pays to refuse a 4 MiB prompt for a 1024 context."""
+    import random
+
+    from gpt2np.tokenizer import TokenLimitError
+
+    rng = random.Random(0)
+    mib = 4 * 1024 * 1024
+    texts = {"random letters": "".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=mib)), "one letter": "a" * mib,
+             "digits": "".join(rng.choices("0123456789", k=mib)),
+             "CJK": "".join(chr(rng.randint(0x4E00, 0x9FFF)) for _ in range(mib // 3))}
+    tok = gpt2np.Tokenizer.from_files(BPE / "encoder.json", BPE / "vocab.bpe")
+    enc = _tiktoken()
+    out = {"machine": {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_name()}, "pieces": []}
+    for name, text in texts.items():
+        data = text.encode()
+        row = {"text": name, "bytes": len(data), "tokens": len(tok.encode(text)),
+               "rounds_s": best(lambda: tok.encode(text), reps)}
+        small = data[:16384].decode("utf-8", "ignore")
+        row["loop_16k_s"] = best(lambda: tok._bpe(tok._byte_chars(small)), 1)
+        row["rounds_16k_s"] = best(lambda: tok._bpe_bytes(small.encode()), reps)
+        if enc is not None:
+            assert enc.encode_ordinary(text) == tok.encode(text), "tokenizers disagree"
+            row["tiktoken_s"] = best(lambda: enc.encode_ordinary(text), reps)
+        out["pieces"].append(row)
+
+    def refuse():
+        try:
+            tok.encode(texts["random letters"], limit=1024)
+        except TokenLimitError:
+            return
+        raise AssertionError("a 4 MiB prompt fit 1024 tokens")
+    out["refuse_4mib_s"] = best(refuse, reps)
+    return out
+
+
+def _tiktoken():
+    try:
+        import tiktoken
+        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    except ImportError:
+        return None
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", "")
+    return tiktoken.Encoding(
+        "gpt2-local", pat_str=r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+        mergeable_ranks=data_gym_to_mergeable_bpe_ranks(str(BPE / "vocab.bpe"), str(BPE / "encoder.json")),
+        special_tokens={"<|endoftext|>": 50256})
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -451,6 +495,20 @@ def markdown(env: dict, results: list[dict], tok: dict, plotted: bool) -> str:
             line += (f"; tiktoken (Rust, one thread) {tok['tiktoken_mb_per_s']:.2f} MB/s: "
                      f"**{tok['fraction_of_tiktoken']:.0%}** of tiktoken, identical tokens")
         lines += [line + ".", ""]
+        long = tok.get("long")
+        if long:
+            m = long["machine"]
+            lines += [f"One-piece texts of 4 MiB ({m['date']}, {m['cpu']}; best of runs): GPT-2's regex makes one "
+                      "piece of a whole run of letters, digits or CJK characters, merged here in NumPy rounds "
+                      "(`gpt2np/bpe_long.py`); the pair-at-a-time loop is quadratic in the piece's length.", "",
+                      "| one piece | bytes | tokens | seconds | tiktoken seconds | 16 KiB: loop / rounds |",
+                      "| --- | ---: | ---: | ---: | ---: | ---: |"]
+            for p in long["pieces"]:
+                tk = f"{p['tiktoken_s']:.2f}" if "tiktoken_s" in p else "-"
+                lines.append(f"| {p['text']} | {p['bytes']:,} | {p['tokens']:,} | {p['rounds_s']:.2f} | {tk} | "
+                             f"{p['loop_16k_s']:.2f} s / {p['rounds_16k_s'] * 1000:.0f} ms |")
+            lines += ["", f"Refusing a 4 MiB one-piece prompt for a 1024-token context (`encode(limit=1024)`, "
+                          f"from its length alone): {long['refuse_4mib_s'] * 1e6:.0f} µs.", ""]
     if plotted:
         lines += ["![decode and prefill](bench.png)", ""]
     return "\n".join(lines)
@@ -464,7 +522,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--model-cache", type=Path, default=ROOT / "bench" / ".models")
     ap.add_argument("--from-json", type=Path, help="only rewrite the report and plot from a results.json")
+    ap.add_argument("--tokenizer-only", action="store_true",
+                    help="measure the tokenizer again; keep the models' figures of the last results.json")
     a = ap.parse_args()
+    if a.tokenizer_only:
+        saved = json.loads((a.out / "results.json").read_text())
+        write_report(a.out, saved["env"], saved["models"], tokenizer_speed(3, 2.0 if a.quick else 5.0))
+        return
     if a.from_json:
         saved = json.loads(a.from_json.read_text())
         for r in saved["models"]:

@@ -19,6 +19,7 @@ from ..tokenizer import TokenLimitError
 from . import protocol as P
 from .completions import Completions
 from .metrics import Metrics
+from .openapi import openapi
 from .protocol import APIError, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .worker import EngineWorker
 
@@ -73,6 +74,8 @@ class Guard:
                 receive, error = await self.read_body(scope, receive)
                 if error is None:
                     error = self.check_content_type(scope)
+                if error is None and b"content-type" not in dict(scope["headers"]):  # read as JSON, as before
+                    scope = {**scope, "headers": [*scope["headers"], (b"content-type", b"application/json")]}
             if error is not None:
                 # the body was not read (or not whole): close, as nothing after it can be parsed
                 return await error_response(error, close=True)(scope, receive, send_status)
@@ -97,7 +100,7 @@ class Guard:
 
     @staticmethod
     def check_content_type(scope) -> APIError | None:
-        """415 unless the body is sent as JSON (no Content-Type is read as JSON too, as FastAPI does)."""
+        """415 unless the body is sent as JSON (a body without a Content-Type is read as JSON)."""
         given = dict(scope["headers"]).get(b"content-type")
         if given is None:
             return None
@@ -182,7 +185,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @get("/health", methods=["GET", "HEAD"])
     async def health():
-        return Response(status_code=200)
+        return Response(status_code=200, media_type="text/plain")
 
     card = P.model_card(state.model_name, state.started, state.model.config.n_positions)
 
@@ -214,7 +217,7 @@ def create_app(state: ServerState) -> FastAPI:
             state.in_flight -= 1
         return JSONResponse(body)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", include_in_schema=False)  # exists only to say why not
     async def chat():
         raise APIError(400, "GPT-2 has no chat format, so this server has no chat endpoint: "
                             "use /v1/completions with a prompt", code="unsupported_endpoint")
@@ -250,4 +253,8 @@ def create_app(state: ServerState) -> FastAPI:
     async def metrics():
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    schema = openapi(app, model_name=state.model_name, vocab_size=state.model.config.vocab_size,
+                     n_positions=state.model.config.n_positions, max_stop=state.max_stop,
+                     capacity=state.worker.capacity, api_key=bool(state.api_key))
+    app.openapi = lambda: schema
     return Guard(app, state)

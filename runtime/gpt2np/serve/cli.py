@@ -47,12 +47,19 @@ DEFAULT_CACHE_POSITIONS = 4096  # the prefix cache holds this many positions by 
 @click.option("--max-stop-strings", envvar="GPT2NP_MAX_STOP_STRINGS", default=None, type=click.IntRange(min=0),
               help="The most stop strings one request may give [default: 4, OpenAI's limit; lm-evaluation-harness "
                    "may send more] [env: GPT2NP_MAX_STOP_STRINGS].")
+@click.option("--header-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds a request's headers may take to arrive, from its first byte (408 and close beyond).")
+@click.option("--body-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds a request's body may take to arrive, once its headers are in (408 and close beyond).")
+@click.option("--max-connections", default=1024, show_default=True, type=click.IntRange(min=1),
+              help="The most open connections; one more gets 503 and is closed at once.")
 @click.option("--grace-period", default=30.0, show_default=True, type=click.FloatRange(min=0),
               help="On SIGTERM or Ctrl-C: seconds to let running requests finish before cancelling them.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]), help="How much to log on stderr.")
 def serve(model_dir, host, port, model_name, api_key, max_batch, max_queue, max_batched_tokens, prefill_stall,
-          prefill_chunk, prefix_cache_mb, max_stop_strings, grace_period, log_level):
+          prefill_chunk, prefix_cache_mb, max_stop_strings, header_timeout, body_timeout, max_connections,
+          grace_period, log_level):
     """Serve the GPT-2 model in MODEL_DIR over HTTP with OpenAI's completions API.
 
     \b
@@ -69,6 +76,7 @@ def serve(model_dir, host, port, model_name, api_key, max_batch, max_queue, max_
         import uvicorn
 
         from .app import ServerState, create_app
+        from .connections import guarded_protocol
     except ImportError as e:
         raise missing_extra("gpt-serve", "serve", e) from None
     from ..api import load
@@ -86,11 +94,12 @@ def serve(model_dir, host, port, model_name, api_key, max_batch, max_queue, max_
                           max_batched_tokens=max_batched_tokens, prefill_stall=prefill_stall)
     worker = EngineWorker(engine, max_queue, metrics)
     state = ServerState(model=model, model_name=name, worker=worker, metrics=metrics, api_key=api_key or None,
-                        max_stop=MAX_STOP if max_stop_strings is None else max_stop_strings)
+                        max_stop=MAX_STOP if max_stop_strings is None else max_stop_strings, body_timeout=body_timeout)
     sock = _listen(host, port)
     worker.start()
     config = uvicorn.Config(create_app(state), host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=5, lifespan="off")
+                            timeout_graceful_shutdown=5, lifespan="off",
+                            http=guarded_protocol(header_timeout, max_connections))
     server = DrainingServer(config, state, grace_period)
     try:
         server.run(sockets=[sock])

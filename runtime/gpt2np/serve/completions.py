@@ -92,7 +92,7 @@ class Completions:
                 temperature=1.0 if req.temperature is None else float(req.temperature),
                 top_p=None if req.top_p in (None, 1) else float(req.top_p),
                 top_k=None if req.top_k is None or req.top_k <= 0 else req.top_k,
-                seed=None if req.seed is None else req.seed + sample if req.seed < 0 else (req.seed + sample) % 2**63,
+                seed=None if req.seed is None else (req.seed + sample) % 2**63,  # any integer, as OpenAI takes
                 stop=tuple(stop), stop_at_eos=not req.ignore_eos,
                 presence_penalty=float(req.presence_penalty or 0), frequency_penalty=float(req.frequency_penalty or 0),
                 logit_bias=req.logit_bias or {}, logprobs=req.logprobs or 0,
@@ -103,11 +103,13 @@ class Completions:
     def check(self, req: CompletionRequest) -> None:
         self.check_model(req.model)
         if req.best_of is not None and req.best_of != req.n:
-            raise APIError(400, "best_of is not supported (only best_of equal to n)", param="best_of")
+            raise APIError(400, "best_of is not supported (only best_of equal to n)", param="best_of",
+                           code="unsupported_best_of")
         if req.suffix:
             raise APIError(400, "suffix is not supported: GPT-2 has no fill-in-the-middle", param="suffix")
         if req.stream_options is not None and not req.stream:
-            raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
+            raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options",
+                           code="stream_options_without_stream")
 
     def sequences(self, req: CompletionRequest) -> tuple[list[list[int]], list[SequenceState]]:
         """The request's sequences, checked (APIError if it cannot run). CPU work: tokenizing up
@@ -117,7 +119,7 @@ class Completions:
         count = (1 if isinstance(p, str) or isinstance(p[0], int) else len(p)) * req.n
         if count > self.worker.capacity:  # before any work: a small body can ask for many
             raise APIError(400, f"the request asks for {count} completions; this server takes at most "
-                                f"{self.worker.capacity} at once", param="n")
+                                f"{self.worker.capacity} at once", param="n", code="too_many_completions")
         prompts = self.prompts(req)
         seqs = []
         for i, ids in enumerate(prompts):

@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
 MAX_STOP = 4  # OpenAI's limit and vLLM's default; `gpt-serve --max-stop-strings` changes it
 MAX_STOP_CHARS = 1000
@@ -44,12 +44,18 @@ class _Strict(BaseModel):
 
 
 def _integer_valued(v: Any) -> Any:
-    """4.0 is the integer 4, as JSON Schema, vLLM and OpenAI's clients have it (4.5 stays an error)."""
-    return int(v) if type(v) is float and v.is_integer() else v
+    """4.0 is the integer 4, as JSON Schema, vLLM and OpenAI's clients have it (4.5 stays an error);
+    in lists (of lists) of token ids too. Strings and the rest are left to the field's type."""
+    if type(v) is float and v.is_integer():
+        return int(v)
+    if type(v) is list:
+        return [_integer_valued(x) for x in v]
+    return v
 
 
-# JSON has one number type: an integer-valued number is an integer, any integer a number.
-Integer = Annotated[StrictInt, BeforeValidator(_integer_valued)]
+# JSON has one number type: an integer-valued number is an integer (`_integer_valued`, applied as
+# a field validator so that the bounds stay visible in the JSON schema), any integer a number.
+Integer = StrictInt
 Number = float  # strict: an int or a float, never a bool or a string
 TokenIds = Annotated[list[Integer], Field(min_length=1)]
 StopString = Annotated[StrictStr, Field(max_length=MAX_STOP_CHARS)]
@@ -78,7 +84,7 @@ class CompletionRequest(_Strict):
     logprobs: Optional[Annotated[Integer, Field(ge=0, le=MAX_LOGPROBS)]] = None
     echo: StrictBool = False
     stop: Optional[Union[StopString, list[StopString]]] = None  # how many: the server's --max-stop-strings
-    seed: Optional[Annotated[Integer, Field(ge=0, le=2**63 - 1)]] = None
+    seed: Optional[Integer] = None  # any integer (OpenAI's is int64): the sampler takes it modulo 2^63
     presence_penalty: Optional[Annotated[Number, Field(ge=-2, le=2)]] = 0.0
     frequency_penalty: Optional[Annotated[Number, Field(ge=-2, le=2)]] = 0.0
     logit_bias: Optional[Annotated[dict[Annotated[StrictStr, Field(pattern=r"^[0-9]+$")],
@@ -88,6 +94,9 @@ class CompletionRequest(_Strict):
     suffix: Optional[StrictStr] = None
     ignore_eos: StrictBool = False
     cache_salt: Optional[StrictStr] = None  # vLLM's: requests with different salts never share cached prefixes
+
+    _integers = field_validator("prompt", "max_tokens", "top_k", "n", "best_of", "logprobs", "seed",
+                                mode="before")(_integer_valued)
 
 
 class _Lenient(BaseModel):
@@ -119,6 +128,8 @@ class DetokenizeRequest(_Lenient):
 
     tokens: list[Integer]
     model: Optional[StrictStr] = None
+
+    _integers = field_validator("tokens", mode="before")(_integer_valued)
 
 
 FinishReason = Literal["stop", "length"]
