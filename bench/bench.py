@@ -490,15 +490,16 @@ def markdown(env: dict, results: list[dict], tok: dict, plotted: bool) -> str:
                          f"**{b['speedup']:.1f}x** faster.")
         lines.append("")
     if tok:
-        line = f"## Tokenizer\n\nEncoding {tok['megabytes']:.1f} MB of mixed text: {tok['ours_mb_per_s']:.2f} MB/s (pure Python)"
+        long = tok.get("long")
+        when = f" ({long['machine']['date']}, {long['machine']['cpu']})" if long else ""
+        line = (f"## Tokenizer{when}\n\nEncoding {tok['megabytes']:.1f} MB of mixed text: "
+                f"{tok['ours_mb_per_s']:.2f} MB/s (pure Python)")
         if "tiktoken_mb_per_s" in tok:
             line += (f"; tiktoken (Rust, one thread) {tok['tiktoken_mb_per_s']:.2f} MB/s: "
                      f"**{tok['fraction_of_tiktoken']:.0%}** of tiktoken, identical tokens")
         lines += [line + ".", ""]
-        long = tok.get("long")
         if long:
-            m = long["machine"]
-            lines += [f"One-piece texts of 4 MiB ({m['date']}, {m['cpu']}; best of runs): GPT-2's regex makes one "
+            lines += ["One-piece texts of 4 MiB (best of runs): GPT-2's regex makes one "
                       "piece of a whole run of letters, digits or CJK characters, merged here in NumPy rounds "
                       "(`gpt2np/bpe_long.py`); the pair-at-a-time loop is quadratic in the piece's length.", "",
                       "| one piece | bytes | tokens | seconds | tiktoken seconds | 16 KiB: loop / rounds |",

@@ -34,9 +34,9 @@ _CUT = regex.compile(r"(?<=\S) (?=\S)")
 _LAST_CUT = regex.compile(r"(?r)(?<=\S) (?=\S)")
 ENDOFTEXT = "<|endoftext|>"
 _CACHE_LIMIT = 200_000  # pieces; bounds memory on adversarial text
-_CACHED_PIECE = 64  # longer pieces are not kept: a cache of long pieces would hold the text itself
 _LONG_PIECE = 320  # bytes: from here on a piece is merged in NumPy rounds (`bpe_long`), where the
-# pair-at-a-time loop's cost grows with the square of the length (both ~0.75 ms at 256 bytes)
+# pair-at-a-time loop's cost grows with the square of the length (both ~0.75 ms at 256 bytes); such
+# pieces are not cached either (a cache of long pieces would hold the text itself)
 _NO_MERGE = float("inf")
 # SHA-256 of OpenAI's GPT-2 vocab.json/encoder.json and merges.txt/vocab.bpe: the files for which
 # `Tokenizer._merge_fast` is proven exact. Other vocabularies take encoder.py's loop.
@@ -228,16 +228,13 @@ class Tokenizer:
             missing = set(pieces)
         long = {}
         for piece in missing:
-            if len(piece) > _CACHED_PIECE:
-                long[piece] = self._bpe_bytes(piece.encode("utf-8"))
-            else:
-                cache[piece] = self._bpe(self._byte_chars(piece))
+            (long if len(piece) >= _LONG_PIECE else cache)[piece] = self._bpe_bytes(piece.encode("utf-8"))
         if long:
             return list(chain.from_iterable(long[p] if p in long else cache[p] for p in pieces))
         return list(chain.from_iterable(map(cache.__getitem__, pieces)))
 
     def _bpe_bytes(self, data: bytes) -> tuple[int, ...]:
-        """Token ids of one piece's UTF-8 bytes: long pieces in NumPy rounds (`bpe_long`)."""
+        """Token ids of one piece's UTF-8 bytes: from `_LONG_PIECE` bytes on in NumPy rounds (`bpe_long`)."""
         if len(data) >= _LONG_PIECE and self._byte_tokens is not None:
             return tuple(merge_long(self._pair_table, data).tolist())
         return self._bpe(data.decode("latin-1").translate(self._byte_table))
