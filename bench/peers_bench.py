@@ -74,14 +74,14 @@ def stacks(model) -> dict:
     """ms of one decode step's weight products alone (the matmul stack), as gpt2np stores the
     weights ([in, out], as in the file) and in the layout OpenBLAS reads fastest ([out, in]
     copies used transposed), taking turns with gpt2np's own decode step at context 16."""
-    from gpt2np import model as M
+    from gpt2np import kv, model as M
     from bench import matmul_stack
     cfg, p = model.config, model.params
     fast = p._replace(blocks=tuple(b._replace(**{k: M.Linear(np.ascontiguousarray(getattr(b, k).w.T).T, getattr(b, k).b)
                                                  for k in ("c_attn", "attn_proj", "c_fc", "mlp_proj")})
                                    for b in p.blocks))
     stored, fastest = matmul_stack(p), matmul_stack(fast)
-    cache = M.KVCache(cfg, 16 + 200)
+    cache = kv.KVCache(cfg, 16 + 200)
     M.forward(p, cfg, np.arange(16), cache)
     times = {"stored": [], "fastest": [], "decode": []}
     for i in range(60):

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import gpt2np  # before NumPy loads OpenBLAS: it sets its thread timeout (gpt2np.parallel)
-from gpt2np import model as M
+from gpt2np import kv, model as M
 import httpx
 import numpy as np
 
@@ -204,7 +204,7 @@ def beside_vllm(server: Server, vllm, model, clients: list[int], requests: int, 
     ids = np.random.default_rng(7).integers(0, 50000, 1000)
     logits_s = min(_timed(lambda: model.logits(ids)) for _ in range(3))
     cfg = model.config  # the work of a first token: one pass, the LM head at the last position only
-    first_s = min(_timed(lambda: M.forward(model.params, cfg, ids, M.KVCache(cfg, len(ids)))) for _ in range(3))
+    first_s = min(_timed(lambda: M.forward(model.params, cfg, ids, kv.KVCache(cfg, len(ids)))) for _ in range(3))
     # The floor: a step's bare weight products at as many rows as clients (LM head included).
     products_ms = {c: best(matmul_stack(model.params, c), 7) * 1000 for c in clients}
     return {"rounds": rounds, "products_ms": products_ms,

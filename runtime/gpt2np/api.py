@@ -13,7 +13,8 @@ from . import reference
 from .config import GPT2Config
 from .engine import Engine
 from .errors import GPT2Error
-from .model import KVCache, forward
+from .kv import KVCache
+from .model import forward
 from .options import Options
 from .params import Params
 from .prefix_cache import PrefixCache

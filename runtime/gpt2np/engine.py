@@ -28,7 +28,8 @@ from typing import Any, Iterator, NamedTuple
 import numpy as np
 
 from .config import GPT2Config
-from .model import KVCache, KVPool, Params, first_positions, lm_head, transformer
+from .kv import KVCache, KVPool, first_positions
+from .model import Params, lm_head, transformer
 from .options import Options
 from .prefix_cache import (BLOCK, STATS, Block, PrefixCache, Segment, Stats, block_key, block_keys,
                            common_prefix, root_key)

@@ -15,7 +15,7 @@ import numpy as np
 
 from .config import GPT2Config
 from .errors import GPT2Error
-from .model import KVCache, KVPool
+from .kv import KVCache, KVPool
 from .options import MAX_TOP_LOGPROBS as TOP
 from .options import Options
 from .prompts import check_ids

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import gpt2np
-from gpt2np import model as M
+from gpt2np import kv, model as M
 from conftest import HPARAMS_124M, SMALL_HPARAMS, write_model_dir
 
 tf_reference = pytest.importorskip("tf_reference")
@@ -38,7 +38,7 @@ def test_greedy_continuation_matches_tensorflow_step_by_step(small_model_dir, sm
     assert got == expected
     assert len(set(got)) > 3, "degenerate test model: the continuation should vary"
     # Each step's cached logits equal the reference's full recompute.
-    cache = M.KVCache(model.config, len(ids) + n)
+    cache = kv.KVCache(model.config, len(ids) + n)
     step_logits = [M.forward(model.params, model.config, np.array(ids), cache)]
     for token in got[:-1]:
         step_logits.append(M.forward(model.params, model.config, np.array([token]), cache))
@@ -50,7 +50,7 @@ def test_kv_cache_equals_full_recompute(small_model_dir):
     ids = model.encode(PROMPT)
     full = model.logits(ids)
     # Feed the same tokens in uneven chunks through one cache.
-    cache, rows, start = M.KVCache(model.config), [], 0
+    cache, rows, start = kv.KVCache(model.config), [], 0
     for size in (5, 1, 1, 7, len(ids)):
         chunk = ids[start:start + size]
         if not chunk:
@@ -68,11 +68,11 @@ def test_a_shared_prefix_read_in_place_equals_own_positions(small_model_dir):
     model = gpt2np.load(small_model_dir)
     P, C = model.params, model.config
     ids = np.array((model.encode(PROMPT) * 3)[:C.n_positions])
-    full = M.KVCache(C, len(ids))
+    full = kv.KVCache(C, len(ids))
     expected = M.forward(P, C, ids, full, all_logits=True)
     n = len(ids) - 9
     runs = [(full.kT[..., a:b].copy(), full.v[:, :, a:b].copy()) for a, b in ((0, 5), (5, 6), (6, n))]
-    cache = M.KVCache(C, len(ids) - n)
+    cache = kv.KVCache(C, len(ids) - n)
     cache.share(runs)
     assert (cache.length, cache.shared, cache.capacity) == (n, n, len(ids))
     got = np.concatenate([M.forward(P, C, ids[n:n + 6], cache, all_logits=True),
@@ -83,7 +83,7 @@ def test_a_shared_prefix_read_in_place_equals_own_positions(small_model_dir):
     np.testing.assert_array_equal(v[:, :, :n - 3], full.v[:, :, 3:n])
     np.testing.assert_allclose(kT[..., n - 3:], full.kT[..., n:len(ids)], rtol=0, atol=1e-4)
     np.testing.assert_allclose(v[:, :, n - 3:], full.v[:, :, n:len(ids)], rtol=0, atol=1e-4)
-    assert [r[1].shape[2] for r in M.first_positions(runs, 5 + 1 + 2)] == [5, 1, 2]
+    assert [r[1].shape[2] for r in kv.first_positions(runs, 5 + 1 + 2)] == [5, 1, 2]
 
 
 @pytest.mark.parametrize("in_parts", [False, True])
@@ -101,7 +101,7 @@ def test_sequences_decoding_together_in_arena_slots_equal_each_alone(small_model
     P, C = model.params, model.config
     ids = model.encode(PROMPT)
     prompts = [ids[:5], ids[3:12], ids[:8], ids[7:17]]
-    pool = M.KVPool(C, 2**30)
+    pool = kv.KVPool(C, 2**30)
     caches = [pool.take(32) for _ in range(5)]
     M.transformer(P, C, [(np.array(ids[:20]), caches[1])])
     pool.give(caches[1])
@@ -114,17 +114,17 @@ def test_sequences_decoding_together_in_arena_slots_equal_each_alone(small_model
     monkeypatch.setattr(M, "decode_groups", lambda segs: grouped.append(real(segs)) or grouped[-1])
     for prompt, cache in zip(prompts, caches):
         M.transformer(P, C, [(np.array(prompt), cache)])
-    alone = [M.KVCache(C, 32) for _ in prompts]
+    alone = [kv.KVCache(C, 32) for _ in prompts]
     for prompt, cache in zip(prompts, alone):
         M.forward(P, C, np.array(prompt), cache)
-    shared = M.KVCache(C, 32)
+    shared = kv.KVCache(C, 32)
     shared.share([(alone[0].kT[..., :4].copy(), alone[0].v[:, :, :4].copy())])
     M.forward(P, C, np.array(prompts[0][4:]), shared)
     for step in range(3):
         tokens = [np.array([(31 * step + 7 * i) % C.vocab_size]) for i in range(len(prompts))]
         grouped.clear()
         hidden = M.transformer(P, C, [(t, c) for t, c in zip(tokens, caches)] + [(tokens[0], shared)]
-                               + [(np.array(ids[:3]), M.KVCache(C, 8))])
+                               + [(np.array(ids[:3]), kv.KVCache(C, 8))])
         groups, rest = grouped[0]
         assert [len(g.rows) for g in groups] == [4] and len(rest) == 2
         got = M.lm_head(P, np.concatenate(hidden[:5]))
@@ -161,7 +161,7 @@ def test_a_pool_gives_freed_slots_back_to_the_system_beyond_its_budget(small_mod
     model = gpt2np.load(small_model_dir)
     C = model.config
     per_position = 2 * C.n_layer * C.n_embd * 4
-    pool = M.KVPool(C, 10 * per_position)
+    pool = kv.KVPool(C, 10 * per_position)
     a, b = pool.take(20), pool.take(20)
     for cache in (a, b):
         M.transformer(model.params, C, [(np.arange(8), cache)])
@@ -210,7 +210,7 @@ def test_real_124M_shape_matches_tensorflow(weights_124M, model_124M_dir):
 def test_forward_refuses_positions_beyond_the_context(small_model_dir):
     model = gpt2np.load(small_model_dir)
     n = model.config.n_positions
-    cache = M.KVCache(model.config, n + 10)  # a cache larger than the model's context
+    cache = kv.KVCache(model.config, n + 10)  # a cache larger than the model's context
     M.forward(model.params, model.config, np.arange(n), cache)
     with pytest.raises(ValueError, match="context"):
         M.forward(model.params, model.config, np.array([1]), cache)
