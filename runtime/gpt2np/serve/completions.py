@@ -1,8 +1,8 @@
 """Serving /v1/completions: a request becomes engine sequences; their events become a response.
 
 One sequence per choice: `len(prompts) * n` of them, choice `i * n + j` for prompt i's j-th
-sample (with a `seed`, sample j uses seed + j, so the n samples differ and each is repeatable).
-OpenAI's fields map onto `gpt2np.Options`, with OpenAI's defaults (temperature 1, 16 tokens).
+sample. OpenAI's fields and defaults map onto `gpt2np.Options` in protocol.py
+(`CompletionRequest.to_options`); this file holds the flow and the responses.
 """
 
 from __future__ import annotations
@@ -75,28 +75,20 @@ class Completions:
                            param="model", code="model_not_found")
 
     def options(self, req: CompletionRequest, prompt_len: int, sample: int) -> Options:
+        """Sample `sample`'s options for a prompt of `prompt_len` tokens (the request's own mapping,
+        `to_options`), refused with OpenAI's 400 where the context or the server's limits say so."""
         ctx = self.config.n_positions
-        max_tokens = max(ctx - prompt_len, 0) if req.max_tokens is None else req.max_tokens
+        max_tokens = req.max_tokens_for(prompt_len, ctx)
         if prompt_len + max_tokens > ctx:
             raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
                                 f"{prompt_len + max_tokens} tokens ({prompt_len} in your prompt; {max_tokens} for "
                                 "the completion). Please reduce your prompt or completion length.",
                            param="max_tokens" if prompt_len <= ctx else "prompt", code="context_length_exceeded")
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if len(stop) > self.max_stop:
-            raise APIError(400, f"stop: at most {self.max_stop} stop strings are allowed, got {len(stop)} "
+        if len(req.stop_strings) > self.max_stop:
+            raise APIError(400, f"stop: at most {self.max_stop} stop strings are allowed, got {len(req.stop_strings)} "
                                 "(gpt-serve --max-stop-strings raises the limit)", param="stop")
         try:
-            return Options(
-                n_tokens=max_tokens,
-                temperature=1.0 if req.temperature is None else float(req.temperature),
-                top_p=None if req.top_p in (None, 1) else float(req.top_p),
-                top_k=None if req.top_k is None or req.top_k <= 0 else req.top_k,
-                seed=None if req.seed is None else (req.seed + sample) % 2**63,  # any integer, as OpenAI takes
-                stop=tuple(stop), stop_at_eos=not req.ignore_eos,
-                presence_penalty=float(req.presence_penalty or 0), frequency_penalty=float(req.frequency_penalty or 0),
-                logit_bias=req.logit_bias or {}, logprobs=req.logprobs or 0,
-                prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None)
+            return req.to_options(prompt_len, sample, ctx)
         except GPT2Error as e:
             raise invalid(e) from None
 

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
+from ..options import Options
+
 MAX_STOP = 4  # OpenAI's limit and vLLM's default; `gpt-serve --max-stop-strings` changes it
 MAX_STOP_CHARS = 1000
 MAX_N = 128
@@ -97,6 +99,32 @@ class CompletionRequest(_Strict):
 
     _integers = field_validator("prompt", "max_tokens", "top_k", "n", "best_of", "logprobs", "seed",
                                 mode="before")(_integer_valued)
+
+    # OpenAI's defaults: the field defaults above, and how an absent or neutral value maps onto
+    # the core's options (which default to greedy and no filtering) -- here and nowhere else.
+    def max_tokens_for(self, prompt_len: int, context: int) -> int:
+        """`max_tokens`; null means the rest of the context."""
+        return max(context - prompt_len, 0) if self.max_tokens is None else self.max_tokens
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    def to_options(self, prompt_len: int, sample: int, context: int) -> Options:
+        """The core's options for sample `sample` (of `n`) of a prompt of `prompt_len` tokens:
+        temperature 1 when absent, `top_p` 1 and `top_k` <= 0 mean no filter, sample j seeded
+        with seed + j (any integer, modulo 2^63), `logprobs` with `echo` scores the prompt too.
+        `GPT2Error` (naming the core's field) if the core refuses a value."""
+        return Options(
+            n_tokens=self.max_tokens_for(prompt_len, context),
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=None if self.top_p in (None, 1) else self.top_p,
+            top_k=None if self.top_k is None or self.top_k <= 0 else self.top_k,
+            seed=None if self.seed is None else (self.seed + sample) % 2**63,
+            stop=self.stop_strings, stop_at_eos=not self.ignore_eos,
+            presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias=self.logit_bias or {}, logprobs=self.logprobs or 0,
+            prompt_logprobs=self.logprobs if self.echo and self.logprobs is not None else None)
 
 
 class _Lenient(BaseModel):
