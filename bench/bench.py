@@ -33,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from gpt2np import GPT2Config, model as M  # noqa: E402
+from gpt2np import GPT2Config, kv, model as M  # noqa: E402
 
 import naive  # noqa: E402
 
@@ -65,7 +65,7 @@ def make_model(folder: Path, name: str) -> Path:
     print(f"making a random-weight {name} model in {folder} ...", file=sys.stderr)
     with atomic_output_dir(folder, force=True) as tmp:
         write_safetensors(tmp / "model.safetensors", config.tensor_shapes(), tensors(),
-                          {"format": "pt", "gpt2np.source": f"random weights, {name} shapes"}, progress=False)
+                          {"format": "pt", "gpt2np.source": f"random weights, {name} shapes"})
         (tmp / "config.json").write_text(json.dumps(config.to_dict()))
         copy_file(BPE / "encoder.json", tmp / "vocab.json")
         copy_file(BPE / "vocab.bpe", tmp / "merges.txt")
@@ -183,7 +183,7 @@ def decode_vs_stack(model, ctx: int, steps: int) -> dict:
     """Decode steps at context `ctx`, each timed right after one run of the matmul stack."""
     cfg, p = model.config, model.params
     steps = min(steps, cfg.n_positions - ctx)
-    cache = M.KVCache(cfg, ctx + steps)
+    cache = kv.KVCache(cfg, ctx + steps)
     M.forward(p, cfg, np.arange(ctx) % 50000, cache)
     stack = matmul_stack(p)
     stack()
@@ -217,7 +217,7 @@ def prefill(model, T: int, reps: int) -> dict:
     cfg, p = model.config, model.params
     ids = np.arange(T) % 50000
     gemm_run, gemm_flops = gemm_products(p, cfg)
-    gemm_ms, ms = side_by_side(gemm_run, lambda _: M.forward(p, cfg, ids, M.KVCache(cfg, T)), reps)
+    gemm_ms, ms = side_by_side(gemm_run, lambda _: M.forward(p, cfg, ids, kv.KVCache(cfg, T)), reps)
     attention_flops = 2 * cfg.n_layer * cfg.n_embd * T * (T + 1)  # QK^T and AV over the causal half
     flops = weight_flops_per_token(cfg) * T + attention_flops + 2 * cfg.n_embd * cfg.vocab_size
     gflops, gemm = flops / ms / 1e6, gemm_flops / gemm_ms / 1e6

@@ -7,11 +7,23 @@ from pathlib import Path
 
 import click
 
-from gpt2np.cli.common import run_command
+from gpt2np.cli.common import bytes_info, progress as progress_bar, run_command
 from gpt2np.errors import missing_extra
 
 from .download import DEFAULT_BASE_URL, canonical_model, default_cache_dir
+from .progress import SILENT
 from gpt2np.outdir import check_output_dir
+
+
+class Bars:
+    """The converter's progress as the command line shows it: a bar per file on stderr (one line
+    per file when stderr is not a terminal), notes as lines."""
+
+    def transfer(self, label: str, total: int | None, done: int = 0):
+        return progress_bar(label, total, bytes_info(total, done), done=done)
+
+    def note(self, message: str) -> None:
+        print(message, file=sys.stderr)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -40,7 +52,7 @@ def convert_command(model, out_dir, base_url, cache_dir, checkpoint_dir, retries
     from .download import download_model
 
     model = canonical_model(model)
-    progress = not quiet
+    progress = SILENT if quiet else Bars()
     check_output_dir(out_dir, force)  # before a long download, not after it
     if checkpoint_dir is None:
         checkpoint_dir = download_model(model, cache_dir or default_cache_dir(), base_url,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import gpt2np
@@ -13,12 +12,14 @@ from gpt2np.outdir import atomic_output_dir
 
 from .checkpoint import Checkpoint
 from .download import FILES
+from .progress import SILENT, Progress
 from .writer import copy_file, write_file, write_safetensors
 
 FORMAT_VERSION = "1"
 
 
-def convert(checkpoint_dir: Path, out: Path, *, source: str, force: bool = False, progress: bool = True) -> None:
+def convert(checkpoint_dir: Path, out: Path, *, source: str, force: bool = False,
+            progress: Progress = SILENT) -> None:
     """Write the model folder `out` from an OpenAI checkpoint folder; `out` appears only when whole."""
     missing = [name for name in FILES if not (checkpoint_dir / name).is_file()]
     if missing:
@@ -37,5 +38,4 @@ def convert(checkpoint_dir: Path, out: Path, *, source: str, force: bool = False
         }
         write_file(tmp / SUMS_FILE, format_sums(digests).encode())
         gpt2np.load(tmp)  # the runtime must accept what we wrote: header, shapes, tokenizer, config
-    if progress:
-        print(f"wrote {out}", file=sys.stderr)
+    progress.note(f"wrote {out}")

@@ -11,7 +11,6 @@ import fcntl
 import http.client
 import os
 import socket
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -19,7 +18,8 @@ from pathlib import Path
 
 from gpt2np import GPT2Error
 
-from gpt2np.cli.common import bytes_info, progress as progress_bar
+from .progress import SILENT, Progress
+
 
 DEFAULT_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 MODELS = ("124M", "355M", "774M", "1558M")
@@ -59,7 +59,7 @@ def _fail_hint() -> str:
 
 
 def fetch(url: str, dest: Path, *, retries: int = 5, backoff: float = 0.5, timeout: float = 60.0,
-          progress: bool = True) -> None:
+          progress: Progress = SILENT) -> None:
     """Download `url` to `dest` unless `dest` exists; resume `dest.part` with an HTTP Range request.
 
     Transient failures (connection errors, 5xx, 429, a body cut short) are retried up to `retries`
@@ -81,7 +81,7 @@ def fetch(url: str, dest: Path, *, retries: int = 5, backoff: float = 0.5, timeo
             time.sleep(backoff * 2 ** attempt)
 
 
-def _fetch_once(url: str, part: Path, timeout: float, progress: bool, label: str) -> None:
+def _fetch_once(url: str, part: Path, timeout: float, progress: Progress, label: str) -> None:
     offset = part.stat().st_size if part.exists() else 0
     try:
         response = _open(url, offset, timeout)
@@ -109,7 +109,7 @@ def _fetch_once(url: str, part: Path, timeout: float, progress: bool, label: str
             length = response.headers.get("Content-Length")
             total = int(length) if length is not None and length.isdigit() else None
         try:
-            with progress_bar(label, total, bytes_info(total, offset), enabled=progress, done=offset) as advance, \
+            with progress.transfer(label, total, offset) as advance, \
                     open(part, "r+b" if offset else "wb") as f:
                 f.seek(offset)
                 f.truncate()
@@ -147,7 +147,7 @@ def _total_from_content_range(value: str | None, offset: int, url: str) -> int |
 
 
 def download_model(model: str, cache_dir: Path, base_url: str = DEFAULT_BASE_URL, *,
-                   progress: bool = True, retries: int = 5, backoff: float = 0.5) -> Path:
+                   progress: Progress = SILENT, retries: int = 5, backoff: float = 0.5) -> Path:
     """Make sure `cache_dir/model/` holds the seven checkpoint files; return that folder."""
     model = canonical_model(model)
     folder = cache_dir / model
@@ -161,9 +161,7 @@ def download_model(model: str, cache_dir: Path, base_url: str = DEFAULT_BASE_URL
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            if progress:
-                print(f"waiting for another gpt-convert to finish downloading {model} into {folder} ...",
-                      file=sys.stderr)
+            progress.note(f"waiting for another gpt-convert to finish downloading {model} into {folder} ...")
             fcntl.flock(lock, fcntl.LOCK_EX)
         for name in FILES:
             fetch(f"{base_url.rstrip('/')}/{model}/{name}", folder / name,

@@ -15,7 +15,8 @@ import numpy as np
 from gpt2np import GPT2Error
 from gpt2np.outdir import writing
 
-from gpt2np.cli.common import bytes_info, progress as progress_bar
+from .progress import SILENT, Progress
+
 
 
 def safetensors_header(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str]) -> bytes:
@@ -35,7 +36,7 @@ def safetensors_header(shapes: dict[str, tuple[int, ...]], metadata: dict[str, s
 
 
 def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], tensors: Iterable[tuple[str, np.ndarray]],
-                      metadata: dict[str, str], progress: bool = True) -> str:
+                      metadata: dict[str, str], progress: Progress = SILENT) -> str:
     """Write the header from `shapes`, then each tensor as it arrives, in the same order.
 
     Memory stays at one tensor at a time. Each arriving tensor must match its declared name and
@@ -45,7 +46,7 @@ def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], tensors: I
     total = sum(4 * math.prod(s) for s in shapes.values())
     expected = iter(shapes.items())
     digest = hashlib.sha256()
-    with progress_bar(path.name, total, bytes_info(total), enabled=progress) as advance, \
+    with progress.transfer(path.name, total) as advance, \
             writing(path), open(path, "wb") as f:
         header = safetensors_header(shapes, metadata)
         f.write(header)

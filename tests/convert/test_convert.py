@@ -64,7 +64,7 @@ def peak_mb():
 
 import_tensorflow()
 before = peak_mb()
-convert(Path(sys.argv[1]), Path(sys.argv[2]), source="test", progress=False)
+convert(Path(sys.argv[1]), Path(sys.argv[2]), source="test")
 print(before, peak_mb())
 """
 
