@@ -97,6 +97,14 @@ def small_model_dir(tmp_path_factory, small_weights) -> Path:
     return write_model_dir(tmp_path_factory.mktemp("small") / "model", SMALL_HPARAMS, small_weights)
 
 
+@pytest.fixture(scope="module")
+def model(small_model_dir):
+    """The small model, loaded once per test module."""
+    import gpt2np
+
+    return gpt2np.load(small_model_dir)
+
+
 @pytest.fixture(scope="session")
 def small_checkpoint(tmp_path_factory, small_weights) -> Path:
     """OpenAI's seven files for the small model, in a `124M/` folder as on OpenAI's storage."""

@@ -1,6 +1,5 @@
 """The one decode loop: continuous batching, chunked prompts, per-sequence options and errors."""
 
-import json
 
 import numpy as np
 import pytest
@@ -8,11 +7,6 @@ import pytest
 import gpt2np
 from gpt2np import Event, GPT2Error, Options
 from gpt2np.sampling import log_softmax
-
-
-@pytest.fixture(scope="module")
-def model(small_model_dir):
-    return gpt2np.load(small_model_dir)
 
 
 PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog again and again", "日本語",
@@ -308,36 +302,6 @@ def test_options_are_checked_once_for_every_front_door(bad, message):
 def test_logit_bias_outside_the_vocabulary(model):
     with pytest.raises(GPT2Error, match="outside the vocabulary"):
         model.complete("x", 2, logit_bias={50257: 1})
-
-
-def test_gpt_run_prompts_file_reports_a_bad_prompt_and_generates_the_rest(tmp_path, small_model_dir, model):
-    from conftest import run_cli
-
-    prompts = ["first", "word " * 80, "third"]
-    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
-    r = run_cli("gpt-run", str(small_model_dir), "--prompts-file", str(tmp_path / "p.txt"), "-n", "5",
-                "--ignore-eos", "--batch-size", "1")
-    lines = [json.loads(x) for x in r.stdout.decode().splitlines()]
-    assert [x["index"] for x in lines] == [0, 1, 2]
-    assert "context is 64" in lines[1]["error"] and lines[1]["stop_reason"] == "error"
-    assert lines[2]["ids"] == model.complete("third", 5, stop_at_eos=False).ids
-    assert r.returncode == 1 and b"1 of 3 prompts failed" in r.stderr and len(r.stderr.splitlines()) == 1
-
-
-def test_gpt_run_flags_come_from_the_options(small_model_dir, model):
-    from conftest import run_cli
-
-    r = run_cli("gpt-run", str(small_model_dir), "the the", "-n", "6", "--ignore-eos", "--logit-bias", "42=100",
-                "--logprobs", "2", "--frequency-penalty", "0.5", "--json")
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
-    expected = model.complete("the the", 6, stop_at_eos=False, logit_bias={42: 100}, logprobs=2,
-                              frequency_penalty=0.5)
-    assert out["ids"] == expected.ids == [42] * 6 and len(out["top_logprobs"]) == 6
-    for args, fragment in ((["--logit-bias", "x=1"], "ID=BIAS"), (["--logit-bias", "1=500"], "-100 to 100"),
-                           (["--presence-penalty", "9"], "--presence-penalty"), (["--logprobs", "30"], "--logprobs")):
-        bad = run_cli("gpt-run", str(small_model_dir), "hi", *args)
-        assert bad.returncode == 2 and fragment in bad.stderr.decode() and len(bad.stderr.splitlines()) == 1
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(model):

@@ -1,6 +1,5 @@
-"""Generation beyond greedy: stop strings, batches, sliding window, log-probabilities, CLI output."""
+"""Generation beyond greedy: stop strings, batches, sliding window, log-probabilities."""
 
-import json
 
 import numpy as np
 import pytest
@@ -8,14 +7,9 @@ from hypothesis import example, given, settings, strategies as st
 
 import gpt2np
 from gpt2np.stops import StopStrings
-from conftest import SMALL_HPARAMS, run_cli
+from conftest import SMALL_HPARAMS
 
 tf_reference = pytest.importorskip("tf_reference")
-
-
-@pytest.fixture(scope="module")
-def model(small_model_dir):
-    return gpt2np.load(small_model_dir)
 
 
 @settings(max_examples=300, deadline=None)
@@ -102,55 +96,6 @@ def test_logprobs_match_the_reference(model, small_weights):
     n = len(g.prompt_ids)
     expected = [ref_lp[n - 1 + i, t] for i, t in enumerate(g.ids)]
     np.testing.assert_allclose(g.logprobs, expected, atol=1e-4)
-
-
-def test_cli_sampling_is_reproducible_and_json_is_complete(small_model_dir):
-    args = [str(small_model_dir), "Hello there", "-n", "12", "--temperature", "0.9", "--top-k", "40",
-            "--top-p", "0.95", "--seed", "3", "--ignore-eos"]
-    a, b = run_cli("gpt-run", *args), run_cli("gpt-run", *args)
-    assert a.returncode == 0 and a.stdout == b.stdout and a.stdout
-    j = run_cli("gpt-run", *args, "--json", "--stats")
-    assert j.returncode == 0, j.stderr
-    out = json.loads(j.stdout)
-    assert out["text"].encode() == a.stdout and len(out["ids"]) == len(out["logprobs"]) == 12
-    assert out["prompt"] == "Hello there" and out["stop_reason"] == "length" and out["prompt_ids"]
-    assert set(out["timings"]) == {"prefill_s", "decode_s", "tokens_per_s"}
-    assert b"tokens/s" in j.stderr
-    greedy = run_cli("gpt-run", str(small_model_dir), "Hello there", "-n", "12", "--ignore-eos")
-    assert greedy.stdout != a.stdout
-
-
-def test_cli_stop_strings_and_context_note(small_model_dir, model):
-    text = model.complete("Once upon a time", 30, stop_at_eos=False).text
-    stop = text[6:9]
-    r = run_cli("gpt-run", str(small_model_dir), "Once upon a time", "-n", "30", "--ignore-eos", "--stop", stop)
-    assert r.returncode == 0 and r.stdout.decode() == text[:text.index(stop)]
-    full = run_cli("gpt-run", str(small_model_dir), "word " * 50, "-n", "40", "--ignore-eos")
-    assert full.returncode == 0 and b"context of 64 positions is full" in full.stderr
-    slid = run_cli("gpt-run", str(small_model_dir), "word " * 50, "-n", "40", "--ignore-eos", "--sliding-window",
-                   "--json")
-    assert json.loads(slid.stdout)["stop_reason"] == "length" and len(json.loads(slid.stdout)["ids"]) == 40
-
-
-def test_cli_prompts_file_gives_json_lines_in_order(tmp_path, small_model_dir, model):
-    prompts = ["first prompt", "second, longer prompt here", "", "third ☃"]
-    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
-    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"prompt": p}) for p in prompts + ["line\nbreak"]))
-    r = run_cli("gpt-run", str(small_model_dir), "--prompts-file", str(tmp_path / "p.txt"), "-n", "8",
-                "--ignore-eos", "--batch-size", "2")
-    assert r.returncode == 0, r.stderr
-    lines = [json.loads(x) for x in r.stdout.decode().splitlines()]
-    kept = [p for p in prompts if p.strip()]  # blank lines are skipped in a text file
-    assert [x["index"] for x in lines] == list(range(len(kept))) and [x["prompt"] for x in lines] == kept
-    assert [x["ids"] for x in lines] == [model.complete(p, 8, stop_at_eos=False).ids for p in kept]
-    r = run_cli("gpt-run", str(small_model_dir), "--prompts-file", "-", "-n", "4",
-                input=(tmp_path / "p.txt").read_bytes())
-    assert len(r.stdout.splitlines()) == len(kept)
-    r = run_cli("gpt-run", str(small_model_dir), "--prompts-file", str(tmp_path / "p.jsonl"), "-n", "4")
-    assert [json.loads(x)["prompt"] for x in r.stdout.decode().splitlines()] == prompts + ["line\nbreak"]
-    (tmp_path / "bad.jsonl").write_text('{"prompt": 3}\n')
-    bad = run_cli("gpt-run", str(small_model_dir), "--prompts-file", str(tmp_path / "bad.jsonl"))
-    assert bad.returncode == 1 and b"bad.jsonl:1" in bad.stderr
 
 
 def test_each_tokens_text_is_kept_once_in_the_generation(small_model_dir):

@@ -9,11 +9,6 @@ from gpt2np import Options
 from gpt2np.prefix_cache import BLOCK
 
 
-@pytest.fixture(scope="module")
-def model(small_model_dir):
-    return gpt2np.load(small_model_dir)
-
-
 def ids(rng, n):
     return [int(i) for i in rng.integers(0, 50257, n)]
 

@@ -13,11 +13,6 @@ tf_reference = pytest.importorskip("tf_reference")
 PROMPT = "The quick brown fox jumps over the lazy dog. Ünïcödé, 日本語, and emoji 🙂!"
 
 
-@pytest.fixture(scope="module")
-def model(small_model_dir):
-    return gpt2np.load(small_model_dir)
-
-
 def test_trace_has_hugging_faces_shapes_in_float32(model):
     ids = model.encode(PROMPT)
     t = model.trace(ids)

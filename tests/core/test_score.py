@@ -1,6 +1,5 @@
 """Scoring against an independent computation with the TensorFlow reference."""
 
-import json
 import math
 
 import numpy as np
@@ -8,7 +7,7 @@ import pytest
 
 import gpt2np
 from gpt2np import GPT2Error
-from conftest import SMALL_HPARAMS, run_cli
+from conftest import SMALL_HPARAMS
 
 tf_reference = pytest.importorskip("tf_reference")
 EOS = 50256
@@ -74,18 +73,3 @@ def test_score_errors(small_model_dir):
         model.score("")
     with pytest.raises(GPT2Error, match="stride"):
         model.score("abc", stride=64)
-
-
-def test_cli_score(small_model_dir, tmp_path):
-    model = gpt2np.load(small_model_dir)
-    text = "Scoring from a file, with ünïcode.\n"
-    (tmp_path / "t.txt").write_text(text)
-    s = model.score(text)
-    r = run_cli("gpt-run", str(small_model_dir), "--score", str(tmp_path / "t.txt"))
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.decode().splitlines() == [f"tokens: {len(s.ids)}", f"nll: {s.nll:.6f}",
-                                              f"perplexity: {s.perplexity:.6f}"]
-    j = run_cli("gpt-run", str(small_model_dir), "--score", "-", "--json", "--stride", "10", input=text.encode())
-    out = json.loads(j.stdout)
-    assert out["ids"] == s.ids and out["stride"] == 10 and out["window"] == 64
-    np.testing.assert_allclose(out["logprobs"], s.logprobs, atol=1e-6)

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import gpt2np
 from conftest import BIN, ctrl_c_reaches, run_cli
 
 ray = pytest.importorskip("ray")
@@ -39,11 +38,6 @@ def cluster():
     finally:
         ray.shutdown()
         c.shutdown()
-
-
-@pytest.fixture(scope="module")
-def model(small_model_dir):
-    return gpt2np.load(small_model_dir)
 
 
 PROMPTS = [f"Row {i}: " + "word " * (i % 7) for i in range(24)]

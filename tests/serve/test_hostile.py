@@ -10,28 +10,19 @@ import random
 import socket
 import statistics
 import subprocess
-import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 
-import gpt2np
 from conftest import BIN
 from serve_process import ServerProcess
 
 MODEL = "small"
 HOOKS = Path(__file__).parent / "schemathesis_hooks.py"
 EXAMPLES = int(os.environ.get("GPT2NP_SCHEMATHESIS_EXAMPLES", "40"))  # per operation, fuzzing and stateful
-
-
-@pytest.fixture(scope="module")
-def model(small_model_dir):
-    return gpt2np.load(small_model_dir)
 
 
 @pytest.fixture(scope="module")

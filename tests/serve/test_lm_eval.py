@@ -64,11 +64,6 @@ MODES = {
 }
 
 
-@pytest.fixture(scope="module")
-def model(small_model_dir):
-    return gpt2np.load(small_model_dir)
-
-
 def serve(model_dir, api_key: str | None):
     # lm-eval sends a task's `until` plus <|endoftext|>: more stop strings than OpenAI's 4.
     key = ("--api-key", api_key) if api_key else ()

@@ -24,11 +24,6 @@ MODEL = "small"
 
 
 @pytest.fixture(scope="module")
-def model(small_model_dir):
-    return gpt2np.load(small_model_dir)
-
-
-@pytest.fixture(scope="module")
 def server(small_model_dir):
     # A small batch and chunk so that requests queue, join, leave and read prompts in chunks.
     with ServerProcess(small_model_dir, "--model-name", MODEL, "--max-batch", "6", "--prefill-chunk", "8") as s:
