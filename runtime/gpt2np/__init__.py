@@ -18,13 +18,13 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")  # read when NumPy loads 
 
 from .api import GPT2, TextStream, load, load_tokenizer
 from .config import GPT2Config
-from .engine import Engine, Event
+from .engine import Engine
 from .errors import GPT2Error
 from .options import Options
 from .reference import Trace
 from .sampling import Sampling
 from .score import TextScore
-from .sequence import STOP_REASONS, Generation, SequenceState
+from .sequence import STOP_REASONS, Event, Generation, SequenceState
 from .tokenizer import Tokenizer
 
 __all__ = ["Engine", "Event", "GPT2", "GPT2Config", "GPT2Error", "Generation", "Options", "STOP_REASONS", "Sampling",

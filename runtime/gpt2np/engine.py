@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import collections
 import time
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -31,25 +31,14 @@ from .config import GPT2Config
 from .kv import KVCache, KVPool, first_positions
 from .model import Params, lm_head, transformer
 from .options import Options
-from .prefix_cache import (BLOCK, STATS, Block, PrefixCache, Segment, Stats, block_key, block_keys,
+from .prefix_cache import (BLOCK, STATS, CachedBlock, KVSegment, PrefixCache, Stats, block_key, block_keys,
                            common_prefix, root_key)
 from .sampling import log_normalizers
-from .sequence import SequenceState
+from .sequence import Event, SequenceState
 from .tokenizer import Tokenizer
 
 KV_POOL_BYTES = 256 * 2**20  # at most this much of finished sequences' KV slots keeps its pages
 SCORE_ROWS = 384  # prompt logits for scoring are made at most this many rows at a time: [384, 50257] is 77 MB
-
-
-class Event(NamedTuple):
-    """What one step did to one sequence. A sequence's last event comes when it is done
-    (`sequence.done`); one that ends without a token (cancelled, failed, or only scoring its
-    prompt) gets an event whose `token` is None."""
-
-    sequence: SequenceState
-    token: int | None = None  # the token it chose
-    text: str = ""  # the text that token releases (held back while it may begin a stop string)
-    token_text: str = ""  # the token's own decoded text (`Generation.token_texts`)
 
 
 class PrefillPacer:
@@ -196,20 +185,20 @@ class Engine:
         for s in held:
             if not s.done:
                 s.fail(message)
-        return [Event(s) for s in held]
+        return [s.event() for s in held]
 
     def step(self) -> list[Event]:
         """Admit, run one forward pass, choose tokens; return this step's events in order.
 
         Never raises for a failure in the model or in one sequence: what failed ends with an
         error event (a failed pass fails the sequences in it, a failed choice only its own)."""
-        events: list[Event] = [Event(s) for s in self._ended]
+        events: list[Event] = [s.event() for s in self._ended]
         self._ended = []
         self._cache_prompts(events)
         for s in [*self.running, *self.waiting]:
             if s.cancelled and not s.done:
                 s.drop()
-                events.append(Event(s))
+                events.append(s.event())
         self.running = [s for s in self.running if not s.done]
         self.waiting = collections.deque(s for s in self.waiting if not s.done)
         blocked = []
@@ -271,7 +260,7 @@ class Engine:
             for s, _ in batch:
                 if not s.done:
                     s.fail(f"the forward pass failed: {type(e).__name__}: {e}")
-                    events.append(Event(s))
+                    events.append(s.event())
             return
         for s, _ in ready:
             row, norm = (next(logits), next(norms)) if s.options.n_tokens else (None, None)
@@ -279,7 +268,7 @@ class Engine:
                 continue
             ok, chosen = _guarded(s, events, "choosing a token", s.accept, row, norm)
             if ok:
-                events.append(Event(s, *chosen))
+                events.append(s.event(*chosen))
 
     def _positions(self) -> list[tuple[SequenceState, int]]:
         """How many pending positions of each running sequence go into this step's pass: a
@@ -464,7 +453,7 @@ class Engine:
                 self._drop_inflight(s)
                 if not s.done:
                     s.fail(f"caching the prompt failed: {type(e).__name__}: {e}")
-                    events.append(Event(s))
+                    events.append(s.event())
             self.kv_pool.give(cache)
         self._uncached = []
 
@@ -479,7 +468,7 @@ class Engine:
             if segment is None or a >= first + span:
                 first = a
                 end = min(first + span, len(prompt))
-                segment = Segment(*cache.positions(first, end))
+                segment = KVSegment(*cache.positions(first, end))
             parent = keys[k - 1] if k else root_key(s.salt)
             stats = entry = None
             # Stats need every position of the block scored (but a partial block's last: no one
@@ -489,7 +478,7 @@ class Engine:
                 stats = Stats(*(rec[name][a:b].copy() for name in STATS))
                 entry = float(rec["next_logit"][a - 1]) if k else None
             key = keys[k] if k < len(keys) else block_key(parent, ids[a:b])
-            self.prefix_cache.insert(Block(key, segment, a - first, b - a, entry, stats, parent, ids[a:b]))
+            self.prefix_cache.insert(CachedBlock(key, segment, a - first, b - a, entry, stats, parent, ids[a:b]))
         self._drop_inflight(s)
         s.record = None
 
@@ -521,7 +510,7 @@ def _guarded(s: SequenceState, events: list[Event], what: str, f, *args) -> tupl
         return True, f(*args)
     except Exception as e:  # noqa: BLE001 -- one sequence's failure is its own
         s.fail(f"{what} failed: {type(e).__name__}: {e}")
-        events.append(Event(s))
+        events.append(s.event())
         return False, None
 
 
@@ -535,7 +524,7 @@ def _reusable(s: SequenceState, shared: int) -> int:
     return max(shared - 1, 0) if needs_last else shared
 
 
-def _runs(pieces: list[tuple[Block, int]]) -> Iterator[tuple[Segment, int, int]]:
+def _runs(pieces: list[tuple[CachedBlock, int]]) -> Iterator[tuple[KVSegment, int, int]]:
     """(segment, offset, positions) of each run of consecutive positions of one segment among
     the first m positions of each block (`pieces`)."""
     run = None
@@ -552,7 +541,7 @@ def _runs(pieces: list[tuple[Block, int]]) -> Iterator[tuple[Segment, int, int]]
         yield tuple(run)
 
 
-def _record(pieces: list[tuple[Block, int]]) -> dict[str, np.ndarray]:
+def _record(pieces: list[tuple[CachedBlock, int]]) -> dict[str, np.ndarray]:
     """The scoring of the reused positions, as arrays over them (`SequenceState.record`): the
     first m positions of each block (`pieces`)."""
     out = {name: np.concatenate([getattr(b.stats, name)[:m] for b, m in pieces]) for name in STATS}

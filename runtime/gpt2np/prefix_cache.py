@@ -21,7 +21,7 @@ logit a cache hit reports is one that a forward pass produced. A sequence reads 
 positions where they lie (`KVCache.share`): no copy, as a segment is never written after it is
 made. The least recently used blocks go first when the cache is over its byte budget; an evicted
 block's memory lives on only while running sequences still read it. The blocks a sequence adds
-share one allocation (a `Segment`), so that a later prompt reads a run of them as one piece, in
+share one allocation (a `KVSegment`), so that a later prompt reads a run of them as one piece, in
 one product per layer rather than one per block. A segment is freed with its last block, and its
 survivors move out once it is more than half unused, so the budget counts what is allocated.
 """
@@ -55,7 +55,7 @@ class Stats:
 STATS = tuple(f.name for f in fields(Stats))  # their names, as `SequenceState.record` names its arrays
 
 
-class Segment:
+class KVSegment:
     """Keys and values of consecutive positions of one prompt, which its blocks view."""
 
     def __init__(self, kT: np.ndarray, v: np.ndarray):
@@ -68,9 +68,9 @@ class Segment:
 
 
 @dataclass
-class Block:
+class CachedBlock:
     key: bytes
-    segment: Segment
+    segment: KVSegment
     offset: int  # its first position in the segment
     size: int  # BLOCK, or fewer for a prompt's last, partial block
     entry_logit: float | None  # the logit, at the previous position, of this block's first token (None: unknown)
@@ -119,7 +119,7 @@ class PrefixCache:
 
     def __init__(self, config: GPT2Config, budget_bytes: int):
         self.config, self.budget = config, int(budget_bytes)
-        self.blocks: collections.OrderedDict[bytes, Block] = collections.OrderedDict()
+        self.blocks: collections.OrderedDict[bytes, CachedBlock] = collections.OrderedDict()
         self.children: dict[bytes, set[bytes]] = {}  # parent key -> keys of the cached blocks after it
         self.bytes = 0
         self.queries = self.hits = 0
@@ -129,7 +129,7 @@ class PrefixCache:
         """What one cached position costs: its keys and values, and its scoring record."""
         return config.kv_bytes_per_position + 4 + 8 + TOP * 12 + 4
 
-    def lookup(self, keys: list[bytes], need_stats: bool) -> list[Block]:
+    def lookup(self, keys: list[bytes], need_stats: bool) -> list[CachedBlock]:
         """The cached blocks that begin the prefix with these keys, in order (with `need_stats`,
         only blocks that can answer prompt log-probabilities)."""
         found = []
@@ -141,7 +141,7 @@ class PrefixCache:
             found.append(block)
         return found
 
-    def partial(self, parent: bytes, ids: np.ndarray, need_stats: bool, first: bool) -> tuple[Block | None, int]:
+    def partial(self, parent: bytes, ids: np.ndarray, need_stats: bool, first: bool) -> tuple[CachedBlock | None, int]:
         """Of the cached blocks after `parent`, the one whose ids begin with the longest run of
         `ids` (the next ids of a prompt whose next full block is not cached), and that run's length."""
         best, n = None, 0
@@ -154,7 +154,7 @@ class PrefixCache:
             self.blocks.move_to_end(best.key)
         return best, n
 
-    def insert(self, block: Block) -> None:
+    def insert(self, block: CachedBlock) -> None:
         """Keep `block` (replacing one with its key, which it may know more than), evicting the
         least recently used blocks to stay within the budget."""
         old = self._remove(block.key)
@@ -171,7 +171,7 @@ class PrefixCache:
         self.blocks[block.key] = block
         self.children.setdefault(block.parent, set()).add(block.key)
 
-    def _remove(self, key: bytes) -> Block | None:
+    def _remove(self, key: bytes) -> CachedBlock | None:
         block = self.blocks.pop(key, None)
         if block is None:
             return None
@@ -188,7 +188,7 @@ class PrefixCache:
             self.bytes -= seg.nbytes  # more than half unused: its blocks move to their own
             for k in list(seg.blocks):
                 b = self.blocks[k]
-                b.segment = Segment(b.kT.copy(order="K"), b.v.copy())  # "K": keys stay position-major
+                b.segment = KVSegment(b.kT.copy(order="K"), b.v.copy())  # "K": keys stay position-major
                 b.segment.blocks.add(k)
                 b.offset = 0
                 self.bytes += b.segment.nbytes
@@ -199,7 +199,7 @@ class PrefixCache:
         return key in self.blocks
 
 
-def _answers(block: Block, after_another: bool) -> bool:
+def _answers(block: CachedBlock, after_another: bool) -> bool:
     """Whether `block` can answer prompt log-probabilities (after another block, the logit
     leading into it must be known too)."""
     return block.stats is not None and (not after_another or block.entry_logit is not None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -84,6 +84,19 @@ class Generation:
         return d
 
 
+class Event(NamedTuple):
+    """What one engine step did to one sequence. A sequence's last event carries its stop
+    `reason` (`Generation.stop_reason`, fixed when the event is made: a listener on another thread
+    may read it after the sequence has moved on); one that ends without a token (cancelled,
+    failed, or only scoring its prompt) has `token` None."""
+
+    sequence: SequenceState
+    token: int | None = None  # the token it chose
+    text: str = ""  # the text that token releases (held back while it may begin a stop string)
+    token_text: str = ""  # the token's own decoded text (`Generation.token_texts`)
+    reason: str | None = None  # set on the sequence's last event: why it stopped
+
+
 class SequenceState:
     """One prompt's state while it waits, reads its prompt and decodes.
 
@@ -150,6 +163,10 @@ class SequenceState:
 
     def cancel(self) -> None:
         self.cancelled = True
+
+    def event(self, token: int | None = None, text: str = "", token_text: str = "") -> Event:
+        """This step's `Event` for this sequence, with its stop reason if it is done."""
+        return Event(self, token, text, token_text, self.result.stop_reason if self.done else None)
 
     def admit(self, prefix: list[tuple[np.ndarray, np.ndarray]] = ()) -> None:
         """Take a place in the batch: allocate the cache for the prompt and every new token. The

@@ -15,7 +15,7 @@ PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog again and again
 
 def run(engine):
     log = []
-    for seq, token, text, token_text in engine.events():
+    for seq, token, text, token_text, _ in engine.events():
         log.append((seq.tag, token, text))
     return log
 
@@ -207,7 +207,7 @@ def test_failures_in_admission_or_the_lm_head_fail_only_their_sequences(model, m
 
     monkeypatch.setattr(bad, "admit", no_memory)
     events = engine.step()
-    assert Event(bad) in events and "allocating its cache failed: MemoryError" in bad.result.error
+    assert Event(bad, reason="error") in events and "allocating its cache failed: MemoryError" in bad.result.error
     engine.run()
     assert good.result.ids == model.complete("good", 4, stop_at_eos=False).ids
     # A failing LM head fails the sequences of that pass, and the engine goes on.
@@ -226,7 +226,7 @@ def test_cancel_leaves_at_the_next_step(model):
     engine.step()
     gone.cancel()
     events = engine.step()
-    assert Event(gone) in events and gone.result.stop_reason == "cancelled"
+    assert Event(gone, reason="cancelled") in events and gone.result.stop_reason == "cancelled"
     assert engine.running == [keep] and len(gone.result.ids) == 1 and gone.cache is None
     engine.run()
     assert keep.result.ids == model.complete("keep", 8, stop_at_eos=False).ids

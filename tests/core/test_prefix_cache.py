@@ -158,17 +158,17 @@ def test_scoring_uses_the_cache(model):
 def test_segments_are_freed_with_their_last_block_and_compacted_when_half_unused(model):
     """The blocks of one prompt share one allocation; the budget counts allocations, so a
     segment's survivors move out once more than half of it is unused, with their keys and values."""
-    from gpt2np.prefix_cache import Block, Segment, block_key
+    from gpt2np.prefix_cache import CachedBlock, KVSegment, block_key
 
     L, H, D = model.config.n_layer, model.config.n_head, model.config.head_dim
     rng = np.random.default_rng(8)
-    segment = Segment(rng.standard_normal((L, H, D, 4 * BLOCK)).astype(np.float32),
+    segment = KVSegment(rng.standard_normal((L, H, D, 4 * BLOCK)).astype(np.float32),
                       rng.standard_normal((L, H, 4 * BLOCK, D)).astype(np.float32))
     cache = model.prefix_cache(64)
     keys, parent = [], b""
     for k in range(4):
         keys.append(block_key(parent, np.arange(k * BLOCK, (k + 1) * BLOCK)))
-        cache.insert(Block(keys[-1], segment, k * BLOCK, BLOCK, None, None, parent, np.arange(BLOCK)))
+        cache.insert(CachedBlock(keys[-1], segment, k * BLOCK, BLOCK, None, None, parent, np.arange(BLOCK)))
         parent = keys[-1]
     assert cache.bytes == segment.nbytes  # four blocks, one allocation
     kept = [(segment.kT[..., 48:64].copy(), segment.v[:, :, 48:64].copy())]

@@ -16,20 +16,15 @@ import threading
 import time
 from typing import Callable
 
-from ..engine import Engine, Event
-from ..sequence import SequenceState
+from ..engine import Engine
+from ..sequence import Event, SequenceState
 from .metrics import Metrics
 
 log = logging.getLogger("gpt2np.serve")
 
 GATHER_S = 0.003  # how long an idle engine waits for more scoring requests before its first step
 
-Update = tuple[SequenceState, "int | None", str, str, "str | None"]
-"""An engine event as the handlers get it: (sequence, token or None, text, the token's own text,
-stop reason if this was the sequence's last event else None). The reason is read when the step ends, since the
-sequence object goes on changing while the handler reads older events."""
-
-Listener = Callable[[list[Update]], None]
+Listener = Callable[[list[Event]], None]  # a request's events of one step, as the engine made them
 
 
 class QueueFull(Exception):
@@ -67,7 +62,7 @@ class EngineWorker:
     def submit(self, seqs: list[SequenceState], loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
         """Hand over one request's sequences; their events arrive in `queue`, a list per step.
         Raises QueueFull if they do not fit: nothing is queued then."""
-        def listener(events: list[Update]) -> None:
+        def listener(events: list[Event]) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, events)
 
         with self._lock:
@@ -133,7 +128,8 @@ class EngineWorker:
 
     def _deliver(self, events: list[Event]) -> None:
         now, by_listener, done = time.perf_counter(), {}, 0
-        for seq, token, text, token_text in events:
+        for event in events:
+            seq, token = event.sequence, event.token
             key = id(seq)
             if token is not None:
                 self.metrics.generation_tokens.inc()
@@ -151,8 +147,7 @@ class EngineWorker:
             else:
                 listener = self._listeners.get(key)
             if listener is not None:
-                by_listener.setdefault(listener, []).append(
-                    (seq, token, text, token_text, seq.result.stop_reason if seq.done else None))
+                by_listener.setdefault(listener, []).append(event)
         if done:
             with self._lock:
                 self.active -= done
