@@ -85,21 +85,9 @@ class TextStream:
 class GPT2:
     """A loaded GPT-2: its config, weights (`params`) and tokenizer.
 
-    Generation methods take the fields of `gpt2np.Options` as keyword arguments (the one list
-    of generation options, with their rules):
-
-    - `n_tokens`: the most tokens to generate (default 50).
-    - `temperature`, `top_k`, `top_p`, `seed`: sampling (see `gpt2np.sampling.Sampling`). Greedy by
-      default; giving `top_k` or `top_p` alone samples at temperature 1; temperature 0 is greedy.
-    - `stop`: strings that end generation when the text reaches one (the string is not included).
-    - `stop_at_eos`: stop at `<|endoftext|>` (default True; it is never part of the text).
-    - `sliding_window`: when the context (1024 positions) is full, recompute the cache over the
-      most recent half and go on, instead of stopping with stop reason "context". A prompt longer
-      than the context is an error, or with the sliding window keeps its most recent half.
-    - `presence_penalty`, `frequency_penalty` (-2 to 2), `logit_bias` ({token id: -100 to 100}):
-      OpenAI's adjustments of the logits before a token is chosen.
-    - `logprobs=N`: also record the N most likely tokens at each step (`Generation.top_logprobs`);
-      `prompt_logprobs=N`: score the prompt's own tokens (`Generation.prompt_logprobs`).
+    Generation methods take the fields of `gpt2np.Options` as keyword arguments: the one list
+    of generation options, each with its default, meaning and rule (`Options.table()` lists them;
+    docs/api.md shows that table).
     """
 
     def __init__(self, config: GPT2Config, params: Params, tokenizer: Tokenizer,

@@ -71,8 +71,9 @@ def _flag(name: str, v: Any) -> None:
 
 
 def option(default: Any, help: str, check: Callable[[str, Any], None], cli: dict | None = None) -> Any:
-    """A field of `Options`: its default, its rule, and (`cli`) how command lines spell it:
-    `flag` (default `--name-with-dashes`), `type`, `metavar`, `multiple`, `is_flag`, `invert`."""
+    """A field of `Options`: its default, what it means (`help`, the API's wording), its rule, and
+    (`cli`) how command lines spell it: `flag` (default `--name-with-dashes`), `type`, `metavar`,
+    `multiple`, `is_flag`, `invert`, and the flag's own `help` where its wording differs."""
     return field(default=default, metadata={"help": help, "check": check, "cli": cli})
 
 
@@ -85,37 +86,45 @@ class Options:
     is checked here, once; an error names its field (`GPT2Error.field`).
     """
 
-    n_tokens: int = option(50, "How many tokens to generate at most.", _whole(0),
-                           {"flag": "-n/--n-tokens", "type": int, "show_default": True})
+    n_tokens: int = option(50, "The most tokens to generate.", _whole(0),
+                           {"flag": "-n/--n-tokens", "type": int, "show_default": True,
+                            "help": "How many tokens to generate at most."})
     temperature: float | None = option(
-        None, "Sample with this temperature (0 means greedy). Greedy is the default.", _sampling_field,
-        {"type": float})
+        None, "Sampling temperature: the logits are divided by it. 0 is greedy; so is None, the default, "
+              "unless top_k or top_p is given (then 1).", _sampling_field,
+        {"type": float, "help": "Sample with this temperature (0 means greedy). Greedy is the default."})
     top_k: int | None = option(None, "Sample only from the K most likely tokens.", _sampling_field,
                                {"type": int, "metavar": "K"})
     top_p: float | None = option(
         None, "Sample only from the smallest set of most likely tokens whose probability reaches P.",
         _sampling_field, {"type": float, "metavar": "P"})
-    seed: int | None = option(None, "Seed for sampling: the same seed gives the same text.", _sampling_field,
-                              {"type": int})
-    stop: tuple[str, ...] = option((), "Stop when the text reaches TEXT, which is not printed. Repeat for several.",
-                                   _stops, {"type": str, "multiple": True, "metavar": "TEXT"})
-    stop_at_eos: bool = option(True, "Keep generating after <|endoftext|>.", _flag,
-                               {"flag": "--ignore-eos", "is_flag": True, "invert": True})
+    seed: int | None = option(None, "Seed of the sampler's random stream: the same seed gives the same text.",
+                              _sampling_field, {"type": int})
+    stop: tuple[str, ...] = option(
+        (), "Strings that end the generation when the text reaches one (it is not part of the text).", _stops,
+        {"type": str, "multiple": True, "metavar": "TEXT",
+         "help": "Stop when the text reaches TEXT, which is not printed. Repeat for several."})
+    stop_at_eos: bool = option(True, "Stop at <|endoftext|> (which is never part of the text).", _flag,
+                               {"flag": "--ignore-eos", "is_flag": True, "invert": True,
+                                "help": "Keep generating after <|endoftext|>."})
     sliding_window: bool = option(
         False, "When the context is full, go on over its most recent half (recomputed) instead of stopping.",
         _flag, {"is_flag": True})
     presence_penalty: float = option(
-        0.0, "Subtract P from the logit of every token already generated (-2 to 2).", _number(-2, 2),
-        {"type": float, "metavar": "P"})
+        0.0, "Subtracted from the logit of every token generated so far (-2 to 2; OpenAI's).", _number(-2, 2),
+        {"type": float, "metavar": "P", "help": "Subtract P from the logit of every token already generated (-2 to 2)."})
     frequency_penalty: float = option(
-        0.0, "Subtract F times its count so far from each generated token's logit (-2 to 2).", _number(-2, 2),
-        {"type": float, "metavar": "F"})
+        0.0, "Times a token's count so far, subtracted from its logit (-2 to 2; OpenAI's).", _number(-2, 2),
+        {"type": float, "metavar": "F", "help": "Subtract F times its count so far from each generated token's logit (-2 to 2)."})
     logit_bias: tuple[tuple[int, float], ...] = option(
-        (), "Add BIAS (-100 to 100) to token ID's logit before choosing; repeat for several.", _bias,
-        {"type": str, "multiple": True, "metavar": "ID=BIAS"})
+        (), "Token id -> bias (-100 to 100) added to its logit before choosing (a dict, or (id, bias) pairs).", _bias,
+        {"type": str, "multiple": True, "metavar": "ID=BIAS",
+         "help": "Add BIAS (-100 to 100) to token ID's logit before choosing; repeat for several."})
     logprobs: int = option(0, "Record the N most likely tokens and their log-probabilities at each new "
-                              f"token (0 to {MAX_TOP_LOGPROBS}; shown with --json).",
-                           _whole(0, MAX_TOP_LOGPROBS), {"type": int, "metavar": "N"})
+                              f"token (0 to {MAX_TOP_LOGPROBS}; `Generation.top_logprobs`).",
+                           _whole(0, MAX_TOP_LOGPROBS),
+                           {"type": int, "metavar": "N", "help": "Record the N most likely tokens and their "
+                            f"log-probabilities at each new token (0 to {MAX_TOP_LOGPROBS}; shown with --json)."})
     prompt_logprobs: int | None = option(
         None, "Score the prompt's tokens too, recording N alternatives at each (the first token has none).",
         lambda name, v: v is None or _whole(0, MAX_TOP_LOGPROBS)(name, v))
@@ -141,6 +150,16 @@ class Options:
     def check(cls, name: str, value: Any) -> None:
         """Raise `GPT2Error` if `value` is not allowed for the option `name`."""
         cls.__dataclass_fields__[name].metadata["check"](name, value)
+
+    @classmethod
+    def table(cls) -> str:
+        """Every option as a Markdown table (name, default, meaning): docs/api.md shows it, and a
+        test keeps the page equal to it (`python -c "import gpt2np; print(gpt2np.Options.table())"`)."""
+        rows = ["| option | default | meaning |", "| --- | --- | --- |"]
+        for f in fields(cls):
+            meaning = f.metadata["help"].replace("|", r"\|")
+            rows.append(f"| `{f.name}` | `{f.default!r}` | {meaning} |")
+        return "\n".join(rows)
 
     @property
     def adjusts_logits(self) -> bool:

@@ -49,3 +49,11 @@ def test_relative_links_lead_to_files():
 
 def test_readme_is_a_front_page():
     assert len((ROOT / "README.md").read_text(encoding="utf-8").splitlines()) <= 200
+
+
+def test_the_api_page_shows_the_options_table():
+    from gpt2np import Options
+
+    text = (DOCS / "api.md").read_text(encoding="utf-8")
+    shown = text.split("<!-- options table -->\n", 1)[1].split("\n<!-- end options table -->", 1)[0]
+    assert shown == Options.table()

@@ -83,7 +83,7 @@ def generation_options(command=None, *, exclude: tuple[str, ...] = ()):
         kwargs = {k: cli[k] for k in ("type", "metavar", "multiple", "is_flag", "show_default") if k in cli}
         default = f.default if cli.get("show_default") else None
         wrapper = click.option(*flag.split("/"), f.name, default=default, callback=check(f.name),
-                               help=f.metadata["help"], **kwargs)(wrapper)
+                               help=cli.get("help", f.metadata["help"]), **kwargs)(wrapper)
     return wrapper
 
 
