@@ -51,14 +51,6 @@ class Sampling:
         return np.random.Generator(np.random.PCG64(self.seed))
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """log p for each token, in float64, over the last axis."""
-    z = logits.astype(np.float64)
-    z -= z.max(axis=-1, keepdims=True)
-    z -= np.log(np.exp(z).sum(axis=-1, keepdims=True))
-    return z
-
-
 def log_normalizer(logits: np.ndarray) -> tuple[np.floating, np.floating]:
     """(max, log Σ exp(logits − max)): log p = logit − max − the second. Computed once per row for
     `token_logprob` and `top_logprobs` together (it is a pass over the whole vocabulary)."""
@@ -111,20 +103,11 @@ def top_logprobs(logits: np.ndarray, k: int, norm: tuple | None = None) -> dict[
     return {int(i): float(v) for i, v in zip(ids, values)}
 
 
-def allowed(logits: np.ndarray, s: Sampling) -> np.ndarray:
-    """A mask of the tokens sampling may choose: the top-k, then of those the smallest set of the
-    most likely whose probability (renormalised over the top-k) reaches top-p.
-
-    Ties at either cut are broken by token id (lower first), so the set is well defined. It costs
-    one partition for top-k and one sort of the probabilities for top-p, whatever their shape:
-    a flat distribution, where top-p keeps most of the vocabulary, costs what a peaked one does.
-    """
-    return _weights(logits, s)[1]
-
-
 def _weights(logits: np.ndarray, s: Sampling) -> tuple[np.ndarray, np.ndarray]:
     """(w, keep): w_j = exp((logit_j − max logit) / temperature), the probabilities up to one
-    common factor, and the `allowed` mask; w is −1 where not allowed. In float32 like the logits
+    common factor, and the mask of the tokens sampling may choose (the top-k, then of those the
+    smallest set of the most likely whose probability reaches top-p; ties at either cut by lower
+    id); w is −1 where not allowed. In float32 like the logits
     (their sums in float64) for temperatures from 0.01 to 100; in float64 beyond, where float32
     would lose the smallest or the largest temperatures' differences."""
     t = s.temperature if s.temperature else 1.0
@@ -160,15 +143,6 @@ def _largest(v: np.ndarray, n: int, cut: float | None = None) -> np.ndarray:
     ties = np.flatnonzero(v == cut)[:n - int(np.count_nonzero(keep))]
     keep[ties] = True
     return keep
-
-
-def candidates(logits: np.ndarray, s: Sampling) -> tuple[np.ndarray, np.ndarray]:
-    """The tokens sampling may choose, most likely first (ties by id), and their probabilities."""
-    z = logits.astype(np.float64) / (s.temperature if s.temperature else 1.0)
-    ids = np.flatnonzero(allowed(logits, s))
-    ids = ids[np.lexsort((ids, -z[ids]))]
-    p = np.exp(z[ids] - z[ids[0]])
-    return ids, p / p.sum()
 
 
 def _top(z: np.ndarray, m: int) -> np.ndarray:

@@ -18,6 +18,7 @@ import pytest
 
 import gpt2np
 from conftest import BIN
+from sampling_reference import log_softmax
 from serve_process import ServerProcess
 
 lm_eval_utils = pytest.importorskip("lm_eval.utils", reason="lm-evaluation-harness (the test extra) is not installed")
@@ -172,7 +173,7 @@ class InProcess:
         ctxlen = len(ctx) - max(0, len(ctx) + len(cont) - self.max_length)
         ids = self.tokens(inp)
         logits = self.model.logits(ids)
-        lp = gpt2np.sampling.log_softmax(logits)
+        lp = log_softmax(logits)
         positions = range(ctxlen, len(ids))
         total = math.fsum(lp[j - 1, ids[j]] for j in positions)
         greedy = all(int(np.argmax(logits[j - 1])) == ids[j] for j in positions)

@@ -17,7 +17,7 @@ import pytest
 
 import gpt2np
 from conftest import run_cli
-from gpt2np.sampling import log_softmax
+from sampling_reference import log_softmax
 from serve_process import ServerProcess
 
 MODEL = "small"
