@@ -91,3 +91,27 @@ def test_openais_request_mapping_lives_in_protocol_py():
     calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "Options"]
     assert not calls
     assert "to_options" in (RUNTIME / "serve" / "protocol.py").read_text(encoding="utf-8")
+
+
+def test_the_engine_asks_the_prefix_cache_and_writes_none_of_its_state():
+    """engine.py calls the prefix cache's manager; it assigns nothing on the cache or on a
+    sequence's prefix slot, and imports only the two classes it builds."""
+    tree = ast.parse((RUNTIME / "engine.py").read_text(encoding="utf-8"))
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "prefix_cache"
+                for a in n.names}
+    assert imported <= {"PrefixCache", "PrefixCacheManager"}, imported
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
+            if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+        for target in targets:
+            text = ast.unparse(target)
+            assert not (".prefix_cache." in text or ".prefix." in text), f"engine.py writes {text}"
+
+
+def test_a_sequence_keeps_one_slot_for_the_prefix_cache():
+    tree = ast.parse((RUNTIME / "sequence.py").read_text(encoding="utf-8"))
+    init = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "__init__"
+                and "prompt_ids" in [a.arg for a in n.args.args])
+    assigned = {t.attr for n in ast.walk(init) if isinstance(n, (ast.Assign, ast.AnnAssign))
+                for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Attribute)}
+    assert "prefix" in assigned and not assigned & {"record", "keys", "cached_blocks", "lender", "salt"}

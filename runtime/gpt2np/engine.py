@@ -4,8 +4,9 @@ Every front door drives this loop: `GPT2.generate`, `generate_batch` and `score`
 `gpt-serve`, the Ray stages and `gpt-explain`. Each `step()`:
 
 1. drops cancelled sequences, then admits waiting ones while fewer than `max_batch` run (with a
-   prefix cache, an admitted prompt starts after the positions the cache holds for it, and one
-   whose next blocks a running sequence is computing waits for them);
+   prefix cache, the engine asks its `PrefixCacheManager`: an admitted prompt starts after the
+   positions the cache holds for it, and one whose next blocks a running sequence is computing
+   waits for them);
 2. gathers the positions each running sequence needs next: one token for a decoding sequence, and
    for those still reading their prompt as much of it as the step's budget allows: at most
    `max_batched_tokens` positions in the pass, at most `prefill_chunk` prompt tokens, and, while
@@ -28,11 +29,10 @@ from typing import Any, Iterator
 import numpy as np
 
 from .config import GPT2Config
-from .kv import KVCache, KVPool, first_positions
+from .kv import KVPool
 from .model import Params, lm_head, transformer
 from .options import Options
-from .prefix_cache import (BLOCK, STATS, CachedBlock, KVSegment, PrefixCache, Stats, block_key, block_keys,
-                           common_prefix, root_key)
+from .prefix_cache import PrefixCache, PrefixCacheManager
 from .sampling import log_normalizers
 from .sequence import Event, SequenceState
 from .tokenizer import Tokenizer
@@ -120,8 +120,7 @@ class Engine:
         self._offered = 0  # the prompt tokens the pacer allowed this step
         self.max_batched_tokens = max_batched_tokens
         self.prefix_cache = prefix_cache
-        self._inflight: dict[bytes, SequenceState] = {}  # block keys a running sequence will add to the cache
-        self._uncached: list[tuple[SequenceState, KVCache]] = []  # prompts read, cached at the next step
+        self.prefix = PrefixCacheManager(prefix_cache, config, self.kv_pool) if prefix_cache is not None else None
         self.params, self.config, self.tokenizer = params, config, tokenizer
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self.waiting: collections.deque[SequenceState] = collections.deque()
@@ -145,9 +144,7 @@ class Engine:
         `score_from`: with `prompt_logprobs`, the first prompt token to score (a scoring window
         scores only the tokens no earlier window scored). `salt`: sequences with different salts
         never share cached positions."""
-        s = SequenceState(list(prompt_ids), options, self.config, self.tokenizer, score_from=score_from)
-        s.salt = salt
-        return s
+        return SequenceState(list(prompt_ids), options, self.config, self.tokenizer, score_from=score_from, salt=salt)
 
     def submit(self, seq: SequenceState, tag=None) -> SequenceState:
         """Queue a sequence made by `sequence`; it joins the batch at a coming step."""
@@ -160,7 +157,7 @@ class Engine:
 
     @property
     def idle(self) -> bool:
-        return not (self.waiting or self.running or self._ended or self._uncached)
+        return not (self.waiting or self.running or self._ended or self.prefix is not None and self.prefix.busy)
 
     @property
     def n_running(self) -> int:
@@ -178,10 +175,8 @@ class Engine:
         no caller waits for an event that will not come."""
         held = list(self._held.values())
         self._held, self._ended, self.running, self.waiting = {}, [], [], collections.deque()
-        for _, cache in self._uncached:
-            self.kv_pool.give(cache)
-        self._uncached = []
-        self._inflight = {}
+        if self.prefix is not None:
+            self.prefix.clear()
         for s in held:
             if not s.done:
                 s.fail(message)
@@ -194,7 +189,8 @@ class Engine:
         error event (a failed pass fails the sequences in it, a failed choice only its own)."""
         events: list[Event] = [s.event() for s in self._ended]
         self._ended = []
-        self._cache_prompts(events)
+        if self.prefix is not None:
+            self.prefix.flush(events)
         for s in [*self.running, *self.waiting]:
             if s.cancelled and not s.done:
                 s.drop()
@@ -204,7 +200,7 @@ class Engine:
         blocked = []
         while self.waiting and (self.max_batch is None or len(self.running) < self.max_batch):
             s = self.waiting.popleft()
-            if self._reader(s) is not None:  # it waits for a running sequence's blocks
+            if self.prefix is not None and self.prefix.reader(s) is not None:  # it waits for a running one's blocks
                 blocked.append(s)
             elif _guarded(s, events, "allocating its cache", self._admit, s)[0]:
                 self.running.append(s)
@@ -215,7 +211,8 @@ class Engine:
         for e in events:
             if e.sequence.done:
                 self._held.pop(id(e.sequence), None)
-                self._drop_inflight(e.sequence)
+                if self.prefix is not None:
+                    self.prefix.forget(e.sequence)
         return events
 
     def _pass(self, events: list[Event]) -> None:
@@ -235,7 +232,7 @@ class Engine:
         try:
             hidden = transformer(self.params, self.config, [(s.pending[:n], s.cache) for s, n in batch],
                                  all_positions=[s.scoring for s, _ in batch],
-                                 borrows=[(s.lender.cache, s.cache.length) if s.lender else None for s, _ in batch])
+                                 borrows=[self.prefix.borrow(s) if self.prefix else None for s, _ in batch])
             scored = []
             for (s, n), h in zip(batch, hidden):
                 scored.append((s, h, s.cache.length - n))
@@ -246,13 +243,12 @@ class Engine:
             choosing = [h[-1:] for s, h in ready if s.options.n_tokens]
             rows = self._score([job for job in scored if job[0].scoring], events,
                                np.concatenate(choosing) if choosing else None)
-            for s, _ in batch:
-                if s.lender is not None:
-                    _guarded(s, events, "reading a shared prompt", self._take_lent, s)
-            for s, _ in ready:  # their prompts go into the prefix cache at the next step (`_cache_prompts`)
-                if s.fresh and not s.done and self.prefix_cache is not None:
-                    self.kv_pool.keep(s.cache)
-                    self._uncached.append((s, s.cache))
+            if self.prefix is not None:
+                for s, _ in batch:
+                    if self.prefix.lent(s):
+                        _guarded(s, events, "reading a shared prompt", self.prefix.take_lent, s)
+                for s, _ in ready:  # their prompts go into the prefix cache at the next step
+                    self.prefix.hold(s)
             logits = norms = iter(())
             if rows is not None:
                 logits, norms = iter(rows), zip(*log_normalizers(rows))
@@ -325,47 +321,30 @@ class Engine:
             if s is None:
                 out.append(logits[row:row + len(h)])
             else:
-                if s.lender is not None and not s.done:  # the lent positions' scores come first
-                    _guarded(s, events, "reading a shared prompt", self._take_lent, s)
+                if self.prefix is not None and self.prefix.lent(s) and not s.done:  # lent positions' scores first
+                    _guarded(s, events, "reading a shared prompt", self.prefix.take_lent, s)
                 if not s.done:
                     _guarded(s, events, "scoring the prompt", s.score_prompt, logits[row:row + len(h)], position)
             row += len(h)
         return out
 
-    # ------------------------------------------------------------------------ the prefix cache
-    def _cacheable(self, s: SequenceState) -> bool:
-        return self.prefix_cache is not None and s.fresh and len(s.pending) == len(s.result.prompt_ids) > BLOCK
-
-    def _reader(self, s: SequenceState) -> SequenceState | None:
-        """The running sequence computing the next uncached blocks of `s`'s prompt, if any: then
-        `s` waits, and reads them from the cache, or from that sequence in the same pass, instead
-        of computing them again."""
-        if not self._cacheable(s):
-            return None
-        keys = self._keys(s)
-        m = next((i for i, key in enumerate(keys) if key not in self.prefix_cache), len(keys))
-        reader = self._inflight.get(keys[m]) if m < len(keys) else None
-        if reader is None or reader.done or s.scoring and not reader.scoring:
-            return None  # a scoring prompt needs positions whose scores are kept
-        return reader
-
     def _borrowers(self, batch: list[tuple[SequenceState, int]]) -> list[tuple[SequenceState, int]]:
         """Waiting sequences that join this pass, lent their shared prefix by a sequence in it that
-        reads the rest of its prompt in this pass: the 4 choices of an item, arriving together,
-        are read in the pass that reads their context, not one pass later."""
+        reads the rest of its prompt in this pass (the prefix cache decides who may lend what)."""
+        if self.prefix is None:
+            return []
         whole = {id(s) for s, n in batch if s.reading and s.fresh and n == len(s.pending)}
         rows, joined = sum(n for _, n in batch), []
         for s in list(self.waiting):
             if self.max_batch is not None and len(self.running) >= self.max_batch:
                 break
-            reader = self._reader(s)
-            if reader is None or id(reader) not in whole or (s.scoring and reader.record is None):
+            lend = self.prefix.lendable(s, whole)
+            if lend is None:
                 continue
-            prompt = s.result.prompt_ids
-            n = _reusable(s, common_prefix(reader.result.prompt_ids, prompt))
-            if n < 1 or self.max_batched_tokens is not None and rows + len(prompt) - n > self.max_batched_tokens:
+            reader, n = lend
+            if self.max_batched_tokens is not None and rows + len(s.result.prompt_ids) - n > self.max_batched_tokens:
                 continue
-            if not _guarded(s, [], "allocating its cache", self._lend, s, reader, n)[0]:
+            if not _guarded(s, [], "allocating its cache", self.prefix.lend, s, reader, n)[0]:
                 continue  # it failed: its last event comes from the waiting queue's check next step
             self.waiting.remove(s)
             self.running.append(s)
@@ -373,125 +352,12 @@ class Engine:
             rows += len(s.pending)
         return joined
 
-    def _lend(self, s: SequenceState, reader: SequenceState, n: int) -> None:
-        """Admit `s` with its first n positions lent by `reader`: those `reader` reads from the
-        prefix cache in place, `s` reads there too; the rest are copied in the pass."""
-        s.admit(first_positions(reader.cache.prefix, n))
-        self._track(s, n // BLOCK)  # those blocks are the reader's: it caches them
-        self._skip(s, n)
-        s.lender = reader
-
-    def _track(self, s: SequenceState, cached_blocks: int) -> None:
-        """Count `s`'s prompt as looked up, keep its scoring for the cache, and claim the blocks
-        after its first `cached_blocks` as ones it will add (others wait for them)."""
-        self._keys(s)
-        if s.scoring:
-            s.start_record()
-        s.cached_blocks = cached_blocks
-        self.prefix_cache.queries += len(s.result.prompt_ids)
-        for key in s.keys[cached_blocks:]:
-            self._inflight.setdefault(key, s)
-
-    def _skip(self, s: SequenceState, n: int) -> None:
-        """`s` starts after its first n positions, which it does not compute (a cache hit)."""
-        s.cache.length = n
-        s.pending = s.pending[n:]
-        s.result.cached_tokens = n
-        self.prefix_cache.hits += n
-
-    def _take_lent(self, s: SequenceState) -> None:
-        """The lent positions' scoring, from the lender's record (scored in this pass)."""
-        lender, s.lender = s.lender, None
-        if not s.scoring:
-            return
-        if lender.done and lender.result.error is not None:
-            raise RuntimeError("the sequence sharing its prompt failed")
-        n = s.result.cached_tokens
-        s.take_cached({name: values[:n] for name, values in lender.record.items()}, n)
-
-    @staticmethod
-    def _keys(s: SequenceState) -> list[bytes]:
-        """The cache keys of `s`'s prompt blocks, hashed once (a waiting sequence is checked every step)."""
-        if not s.keys:
-            s.keys = block_keys(s.result.prompt_ids, s.salt)
-        return s.keys
-
     def _admit(self, s: SequenceState) -> None:
-        """Give `s` its place and cache; reuse what the prefix cache holds of its prompt: its
-        cached full blocks, then the longest common start of a cached block after them (all but
-        the last of those positions when that one's logits are needed: `_reusable`)."""
-        if not self._cacheable(s):
+        """Give `s` its place and cache (with a prefix cache, after the positions it holds for it)."""
+        if self.prefix is not None:
+            self.prefix.admit(s)
+        else:
             s.admit()
-            return
-        cache, prompt = self.prefix_cache, s.result.prompt_ids
-        blocks = cache.lookup(self._keys(s), need_stats=s.scoring)
-        self._track(s, len(blocks))
-        start = len(blocks) * BLOCK
-        parent = blocks[-1].key if blocks else root_key(s.salt)
-        partial, n = cache.partial(parent, np.asarray(prompt[start:start + BLOCK], np.int64), s.scoring, not blocks)
-        reused = _reusable(s, start + n)
-        if reused <= 0:
-            s.admit()
-            return
-        pieces = [(b, BLOCK) for b in blocks] + ([(partial, n)] if n else [])
-        runs = [(seg.kT[..., at:at + m], seg.v[:, :, at:at + m]) for seg, at, m in _runs(pieces)]
-        s.admit(first_positions(runs, reused))  # read in place: segments are never written again
-        self._skip(s, reused)
-        if s.scoring:
-            s.take_cached(_record(pieces), reused)
-
-    def _cache_prompts(self, events: list[Event]) -> None:
-        """Keep the prompts read in the last step in the prefix cache. Done a step later, so that
-        their first tokens go out first: the copy is not on their way (a lone 1000-token prompt of
-        124M: 40-60 ms of its first token's 1.1 s). Until then the engine holds each sequence's
-        KV slot too (`KVPool.keep`), even if the sequence has ended; the prefix cache has them
-        before this step admits anyone."""
-        for s, cache in self._uncached:
-            try:
-                self._cache_prompt(s, cache)
-            except Exception as e:  # noqa: BLE001 -- one sequence's failure is its own
-                self._drop_inflight(s)
-                if not s.done:
-                    s.fail(f"caching the prompt failed: {type(e).__name__}: {e}")
-                    events.append(s.event())
-            self.kv_pool.give(cache)
-        self._uncached = []
-
-    def _cache_prompt(self, s: SequenceState, cache: KVCache) -> None:
-        """Keep the blocks of `s`'s prompt that the cache lacks, now that every position is
-        computed (in `cache`), and its last, partial block."""
-        prompt, rec, keys = s.result.prompt_ids, s.record, s.keys
-        ids = np.asarray(prompt, np.int64)
-        span, segment = self._segment_positions, None  # a segment may not fill the budget alone
-        for k in range(s.cached_blocks, (len(prompt) + BLOCK - 1) // BLOCK):
-            a, b = k * BLOCK, min((k + 1) * BLOCK, len(prompt))
-            if segment is None or a >= first + span:
-                first = a
-                end = min(first + span, len(prompt))
-                segment = KVSegment(*cache.positions(first, end))
-            parent = keys[k - 1] if k else root_key(s.salt)
-            stats = entry = None
-            # Stats need every position of the block scored (but a partial block's last: no one
-            # reuses that one), and, after the first block, the logit leading into it.
-            last = b if b - a == BLOCK else b - 1
-            if rec is not None and last <= len(prompt) - 1 and rec["scored"][a:last].all() and (k == 0 or rec["scored"][a - 1]):
-                stats = Stats(*(rec[name][a:b].copy() for name in STATS))
-                entry = float(rec["next_logit"][a - 1]) if k else None
-            key = keys[k] if k < len(keys) else block_key(parent, ids[a:b])
-            self.prefix_cache.insert(CachedBlock(key, segment, a - first, b - a, entry, stats, parent, ids[a:b]))
-        self._drop_inflight(s)
-        s.record = None
-
-    @property
-    def _segment_positions(self) -> int:
-        """The most positions one segment holds: whole blocks, at most a quarter of the budget."""
-        per_position = self.prefix_cache.bytes_per_position(self.config)
-        return max(1, self.prefix_cache.budget // (4 * per_position * BLOCK)) * BLOCK
-
-    def _drop_inflight(self, s: SequenceState) -> None:
-        for key in s.keys:
-            if self._inflight.get(key) is s:
-                del self._inflight[key]
 
     def events(self) -> Iterator[Event]:
         """Step until every sequence is done, yielding events as they come."""
@@ -512,43 +378,3 @@ def _guarded(s: SequenceState, events: list[Event], what: str, f, *args) -> tupl
         s.fail(f"{what} failed: {type(e).__name__}: {e}")
         events.append(s.event())
         return False, None
-
-
-
-def _reusable(s: SequenceState, shared: int) -> int:
-    """Of the first `shared` positions of `s`'s prompt, already computed, how many it reuses: all
-    but the last when that one's logits are needed, because it ends the prompt (they choose the
-    first token) or because `s` scores its prompt (they score its next token, which the cached
-    record does not hold for a token that differs); else all of them."""
-    needs_last = s.scoring or shared >= len(s.result.prompt_ids)
-    return max(shared - 1, 0) if needs_last else shared
-
-
-def _runs(pieces: list[tuple[CachedBlock, int]]) -> Iterator[tuple[KVSegment, int, int]]:
-    """(segment, offset, positions) of each run of consecutive positions of one segment among
-    the first m positions of each block (`pieces`)."""
-    run = None
-    for b, m in pieces:
-        if run is not None and run[0] is b.segment and run[1] + run[2] == b.offset:
-            run[2] += m
-        else:
-            if run is not None:
-                yield tuple(run)
-            run = [b.segment, b.offset, m]
-        if m < b.size:  # a partial reuse ends the prompt's reused positions
-            break
-    if run is not None:
-        yield tuple(run)
-
-
-def _record(pieces: list[tuple[CachedBlock, int]]) -> dict[str, np.ndarray]:
-    """The scoring of the reused positions, as arrays over them (`SequenceState.record`): the
-    first m positions of each block (`pieces`)."""
-    out = {name: np.concatenate([getattr(b.stats, name)[:m] for b, m in pieces]) for name in STATS}
-    at = 0
-    for b, m in pieces:  # the logit that leads into each block is kept with that block
-        if at:
-            out["next_logit"][at - 1] = b.entry_logit
-        at += m
-    out["scored"] = np.ones(at, bool)
-    return out

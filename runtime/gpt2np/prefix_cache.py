@@ -30,12 +30,17 @@ from __future__ import annotations
 
 import collections
 import hashlib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
 from .config import GPT2Config
+from .kv import KVCache, KVPool, first_positions
 from .options import MAX_TOP_LOGPROBS
+
+if TYPE_CHECKING:
+    from .sequence import Event, SequenceState
 
 BLOCK = 16  # tokens per block
 TOP = MAX_TOP_LOGPROBS  # alternatives kept per position: enough for any prompt_logprobs
@@ -52,7 +57,44 @@ class Stats:
     next_logit: np.ndarray  # [B] at position i < B - 1, the logit of the block's token i + 1
 
 
-STATS = tuple(f.name for f in fields(Stats))  # their names, as `SequenceState.record` names its arrays
+    @classmethod
+    def zeros(cls, n: int) -> "Stats":
+        return cls(np.zeros(n, np.float32), np.zeros(n), np.zeros((n, TOP), np.int64), np.zeros((n, TOP), np.float32),
+                   np.zeros(n, np.float32))
+
+    def rows(self, span: slice) -> "Stats":
+        """Views of positions `span`, of the same type."""
+        return type(self)(*(getattr(self, f.name)[span] for f in fields(self)))
+
+
+STATS = tuple(f.name for f in fields(Stats))
+
+
+@dataclass
+class PromptRecord(Stats):
+    """A prompt's scoring per position, kept while it is read (`SequenceState.score_prompt`) so that
+    its blocks go into the cache with their `Stats`: what a sequence hands the cache."""
+
+    scored: np.ndarray  # [n] which positions are scored
+
+    @classmethod
+    def zeros(cls, n: int) -> "PromptRecord":
+        return cls(*vars(Stats.zeros(n)).values(), np.zeros(n, bool))
+
+    def stats(self, a: int, b: int) -> Stats:
+        """A copy of positions a..b-1 as a block keeps them."""
+        return Stats(*(getattr(self, name)[a:b].copy() for name in STATS))
+
+
+@dataclass
+class PrefixSlot:
+    """What the prefix cache tracks of one sequence (`SequenceState.prefix`)."""
+
+    salt: str | None = None  # sequences with different salts never share cached positions
+    keys: list[bytes] = field(default_factory=list)  # the keys of the prompt's blocks, hashed once
+    cached_blocks: int = 0  # how many of them came from the cache
+    record: PromptRecord | None = None  # its prompt's scoring, when it scores and may be cached
+    lender: Any = None  # the sequence that lends this pass its first positions, if any
 
 
 class KVSegment:
@@ -210,3 +252,229 @@ def common_prefix(a, b) -> int:
     a, b = np.asarray(a), np.asarray(b)
     m = min(len(a), len(b))
     return int(np.argmin(np.append(a[:m] == b[:m], False)))
+
+
+class PrefixCacheManager:
+    """What an engine asks of the prefix cache (one per engine; engines may share the cache).
+
+    It owns, for the engine's sequences: the lookup at admission (a prompt starts after the
+    positions the cache holds for it, read in place), the in-flight claims (a prompt whose next
+    blocks a running sequence is computing waits for them, or borrows them inside that sequence's
+    pass), the insertion of a read prompt's blocks (at the step after its first token, so that
+    the copy is not on that token's way; its KV slot is held until then), and the counters of
+    prompt tokens looked up and found. The engine keeps admission order, the step budget, the
+    pass and scoring; it calls these methods and touches none of this state.
+    """
+
+    def __init__(self, cache: PrefixCache, config: GPT2Config, kv_pool: KVPool):
+        self.cache, self.config, self.kv_pool = cache, config, kv_pool
+        self._inflight: dict[bytes, SequenceState] = {}  # block keys a running sequence will add
+        self._held: list[tuple[SequenceState, KVCache]] = []  # prompts read, cached at the next step
+
+    @property
+    def busy(self) -> bool:
+        """Prompts are held, to be cached at the next step."""
+        return bool(self._held)
+
+    # ------------------------------------------------------------------------------ admission
+    def cacheable(self, s: SequenceState) -> bool:
+        return s.fresh and len(s.pending) == len(s.result.prompt_ids) > BLOCK
+
+    def reader(self, s: SequenceState) -> SequenceState | None:
+        """The running sequence computing the next uncached blocks of `s`'s prompt, if any: then
+        `s` waits, and reads them from the cache, or from that sequence in the same pass, instead
+        of computing them again."""
+        if not self.cacheable(s):
+            return None
+        keys = self._keys(s)
+        m = next((i for i, key in enumerate(keys) if key not in self.cache), len(keys))
+        reader = self._inflight.get(keys[m]) if m < len(keys) else None
+        if reader is None or reader.done or s.scoring and not reader.scoring:
+            return None  # a scoring prompt needs positions whose scores are kept
+        return reader
+
+    def admit(self, s: SequenceState) -> None:
+        """Give `s` its cache, reusing what the cache holds of its prompt: its cached full blocks,
+        then the longest common start of a cached block after them (all but the last of those
+        positions when that one's logits are needed: `_reusable`)."""
+        if not self.cacheable(s):
+            s.admit()
+            return
+        prompt = s.result.prompt_ids
+        blocks = self.cache.lookup(self._keys(s), need_stats=s.scoring)
+        self._track(s, len(blocks))
+        start = len(blocks) * BLOCK
+        parent = blocks[-1].key if blocks else root_key(s.prefix.salt)
+        partial, n = self.cache.partial(parent, np.asarray(prompt[start:start + BLOCK], np.int64), s.scoring,
+                                        not blocks)
+        reused = _reusable(s, start + n)
+        if reused <= 0:
+            s.admit()
+            return
+        pieces = [(b, BLOCK) for b in blocks] + ([(partial, n)] if n else [])
+        runs = [(seg.kT[..., at:at + m], seg.v[:, :, at:at + m]) for seg, at, m in _runs(pieces)]
+        s.admit(first_positions(runs, reused))  # read in place: segments are never written again
+        self._skip(s, reused)
+        if s.scoring:
+            s.take_cached(_record(pieces), reused)
+
+    # -------------------------------------------------------------------------------- lending
+    def lendable(self, s: SequenceState, reading_whole: set[int]) -> tuple[SequenceState, int] | None:
+        """(lender, n) if a sequence that reads the rest of its prompt in this pass (its id in
+        `reading_whole`) can lend waiting `s` its first n positions (the 4 choices of an item,
+        arriving together, are read in the pass that reads their context, not one pass later)."""
+        reader = self.reader(s)
+        if reader is None or id(reader) not in reading_whole or (s.scoring and reader.prefix.record is None):
+            return None
+        n = _reusable(s, common_prefix(reader.result.prompt_ids, s.result.prompt_ids))
+        return (reader, n) if n >= 1 else None
+
+    def lend(self, s: SequenceState, reader: SequenceState, n: int) -> None:
+        """Admit `s` with its first n positions lent by `reader`: those `reader` reads from the
+        cache in place, `s` reads there too; the rest are copied in the pass."""
+        s.admit(first_positions(reader.cache.prefix, n))
+        self._track(s, n // BLOCK)  # those blocks are the reader's: it caches them
+        self._skip(s, n)
+        s.prefix.lender = reader
+
+    def borrow(self, s: SequenceState) -> tuple[KVCache, int] | None:
+        """For the pass: the lender's cache and where `s`'s own positions begin, if it borrows."""
+        lender = s.prefix.lender
+        return (lender.cache, s.cache.length) if lender is not None else None
+
+    def lent(self, s: SequenceState) -> bool:
+        return s.prefix.lender is not None
+
+    def take_lent(self, s: SequenceState) -> None:
+        """The lent positions' scoring, from the lender's record (scored in this pass)."""
+        lender, s.prefix.lender = s.prefix.lender, None
+        if not s.scoring:
+            return
+        if lender.done and lender.result.error is not None:
+            raise RuntimeError("the sequence sharing its prompt failed")
+        n = s.result.cached_tokens
+        s.take_cached(lender.prefix.record.rows(slice(0, n)), n)
+
+    # ------------------------------------------------------------------------------ insertion
+    def hold(self, s: SequenceState) -> None:
+        """`s` has read its prompt (this pass): its blocks go into the cache at the next step,
+        and its KV slot stays held until then (`KVPool.keep`), even if `s` ends."""
+        if s.fresh and not s.done:
+            self.kv_pool.keep(s.cache)
+            self._held.append((s, s.cache))
+
+    def flush(self, events: list[Event]) -> None:
+        """Keep the prompts read in the last step (`hold`). A failure is its sequence's alone."""
+        for s, kv in self._held:
+            try:
+                self._insert(s, kv)
+            except Exception as e:  # noqa: BLE001 -- one sequence's failure is its own
+                self.forget(s)
+                if not s.done:
+                    s.fail(f"caching the prompt failed: {type(e).__name__}: {e}")
+                    events.append(s.event())
+            self.kv_pool.give(kv)
+        self._held = []
+
+    def _insert(self, s: SequenceState, kv: KVCache) -> None:
+        """Keep the blocks of `s`'s prompt that the cache lacks, now that every position is
+        computed (in `kv`), and its last, partial block."""
+        prompt, rec, keys = s.result.prompt_ids, s.prefix.record, s.prefix.keys
+        ids = np.asarray(prompt, np.int64)
+        span, segment, first = self._segment_positions, None, 0  # a segment may not fill the budget alone
+        for k in range(s.prefix.cached_blocks, (len(prompt) + BLOCK - 1) // BLOCK):
+            a, b = k * BLOCK, min((k + 1) * BLOCK, len(prompt))
+            if segment is None or a >= first + span:
+                first = a
+                end = min(first + span, len(prompt))
+                segment = KVSegment(*kv.positions(first, end))
+            parent = keys[k - 1] if k else root_key(s.prefix.salt)
+            stats = entry = None
+            # Stats need every position of the block scored (but a partial block's last: no one
+            # reuses that one), and, after the first block, the logit leading into it.
+            last = b if b - a == BLOCK else b - 1
+            if rec is not None and last <= len(prompt) - 1 and rec.scored[a:last].all() and (k == 0 or rec.scored[a - 1]):
+                stats = rec.stats(a, b)
+                entry = float(rec.next_logit[a - 1]) if k else None
+            key = keys[k] if k < len(keys) else block_key(parent, ids[a:b])
+            self.cache.insert(CachedBlock(key, segment, a - first, b - a, entry, stats, parent, ids[a:b]))
+        self.forget(s)
+        s.prefix.record = None
+
+    @property
+    def _segment_positions(self) -> int:
+        """The most positions one segment holds: whole blocks, at most a quarter of the budget."""
+        per_position = self.cache.bytes_per_position(self.config)
+        return max(1, self.cache.budget // (4 * per_position * BLOCK)) * BLOCK
+
+    # ---------------------------------------------------------------------------- bookkeeping
+    def forget(self, s: SequenceState) -> None:
+        """`s` is done: its claims on blocks it would have added go."""
+        for key in s.prefix.keys:
+            if self._inflight.get(key) is s:
+                del self._inflight[key]
+
+    def clear(self) -> None:
+        """Let go of everything (the engine failed every sequence it held)."""
+        for _, kv in self._held:
+            self.kv_pool.give(kv)
+        self._held, self._inflight = [], {}
+
+    def _keys(self, s: SequenceState) -> list[bytes]:
+        """The cache keys of `s`'s prompt blocks, hashed once (a waiting sequence is checked every step)."""
+        if not s.prefix.keys:
+            s.prefix.keys = block_keys(s.result.prompt_ids, s.prefix.salt)
+        return s.prefix.keys
+
+    def _track(self, s: SequenceState, cached_blocks: int) -> None:
+        """Count `s`'s prompt as looked up, keep its scoring for the cache, and claim the blocks
+        after its first `cached_blocks` as ones it will add (others wait for them)."""
+        self._keys(s)
+        if s.scoring:
+            s.prefix.record = PromptRecord.zeros(len(s.result.prompt_ids))
+        s.prefix.cached_blocks = cached_blocks
+        self.cache.queries += len(s.result.prompt_ids)
+        for key in s.prefix.keys[cached_blocks:]:
+            self._inflight.setdefault(key, s)
+
+    def _skip(self, s: SequenceState, n: int) -> None:
+        """`s` starts after its first n positions (a cache hit)."""
+        s.skip_cached(n)
+        self.cache.hits += n
+
+
+def _reusable(s: SequenceState, shared: int) -> int:
+    """Of the first `shared` positions of `s`'s prompt, already computed, how many it reuses: all
+    but the last when that one's logits are needed, because it ends the prompt (they choose the
+    first token) or because `s` scores its prompt (they score its next token, which the cached
+    record does not hold for a token that differs); else all of them."""
+    needs_last = s.scoring or shared >= len(s.result.prompt_ids)
+    return max(shared - 1, 0) if needs_last else shared
+
+
+def _runs(pieces: list[tuple[CachedBlock, int]]) -> Iterator[tuple[KVSegment, int, int]]:
+    """(segment, offset, positions) of each run of consecutive positions of one segment among
+    the first m positions of each block (`pieces`)."""
+    run = None
+    for b, m in pieces:
+        if run is not None and run[0] is b.segment and run[1] + run[2] == b.offset:
+            run[2] += m
+        else:
+            if run is not None:
+                yield tuple(run)
+            run = [b.segment, b.offset, m]
+        if m < b.size:  # a partial reuse ends the prompt's reused positions
+            break
+    if run is not None:
+        yield tuple(run)
+
+
+def _record(pieces: list[tuple[CachedBlock, int]]) -> PromptRecord:
+    """The scoring of the reused positions: the first m positions of each block (`pieces`)."""
+    out = {name: np.concatenate([getattr(b.stats, name)[:m] for b, m in pieces]) for name in STATS}
+    at = 0
+    for b, m in pieces:  # the logit that leads into each block is kept with that block
+        if at:
+            out["next_logit"][at - 1] = b.entry_logit
+        at += m
+    return PromptRecord(**out, scored=np.ones(at, bool))

@@ -18,6 +18,7 @@ from .errors import GPT2Error
 from .kv import KVCache, KVPool
 from .options import MAX_TOP_LOGPROBS as TOP
 from .options import Options
+from .prefix_cache import PrefixSlot, PromptRecord, Stats
 from .prompts import check_ids
 from .sampling import choose, log_normalizer, log_normalizers, logprob, token_logprob, top_ids, top_logprobs
 from .stops import StopStrings
@@ -107,7 +108,7 @@ class SequenceState:
     """
 
     def __init__(self, prompt_ids: list[int], options: Options, config: GPT2Config, tokenizer: Tokenizer,
-                 error: str | None = None, score_from: int = 1):
+                 error: str | None = None, score_from: int = 1, salt: str | None = None):
         self.result = Generation(prompt_ids=list(prompt_ids))
         self.options, self.config, self.tokenizer = options, config, tokenizer
         self.context = list(prompt_ids)  # prompt and generated tokens: what a sliding window restarts from
@@ -118,12 +119,8 @@ class SequenceState:
         self.submitted_at = time.perf_counter()
         self.admitted_at = self.first_token_at = self.finished_at = 0.0
         self.tag: Any = None  # for the caller: which request or prompt this is
-        self.salt: str | None = None  # sequences with different salts never share cached positions
         self.fresh = True  # pending is the whole prompt, as given (not a sliding window's restart)
-        self.record: dict[str, np.ndarray] | None = None  # the prompt's scoring, kept for the prefix cache
-        self.keys: list[bytes] = []  # the prefix cache's keys of the prompt's blocks
-        self.cached_blocks = 0  # how many of them came from the cache
-        self.lender: SequenceState | None = None  # lends this pass its first positions (`Engine._borrowers`)
+        self.prefix = PrefixSlot(salt)  # the prefix cache's own (`PrefixCacheManager`): salt, keys, record
         if error is not None:
             self.fail(error)
             return
@@ -203,49 +200,50 @@ class SequenceState:
         if not len(logits):
             return
         tops, log_sums = log_normalizers(logits)
-        if self.record is not None:  # kept for the prefix cache: each position's normalizer and top logits
-            rec, rows, span = self.record, np.arange(len(logits)), slice(first, first + len(logits))
+        rec = self.prefix.record
+        if rec is not None:  # kept for the prefix cache: each position's normalizer and top logits
+            rows, span = np.arange(len(logits)), slice(first, first + len(logits))
             ids = top_ids(logits, TOP)
-            rec["top"][span], rec["log_sum"][span], rec["scored"][span] = tops, log_sums, True
-            rec["top_ids"][span], rec["top_logits"][span] = ids, np.take_along_axis(logits, ids, axis=1)
-            rec["next_logit"][span] = logits[rows, prompt[first + 1:first + 1 + len(logits)]]
-            self.score_cached({k: v[span] for k, v in rec.items()}, len(logits), start=first)
+            rec.top[span], rec.log_sum[span], rec.scored[span] = tops, log_sums, True
+            rec.top_ids[span], rec.top_logits[span] = ids, np.take_along_axis(logits, ids, axis=1)
+            rec.next_logit[span] = logits[rows, prompt[first + 1:first + 1 + len(logits)]]
+            self.score_cached(rec.rows(span), len(logits), start=first)
             return
         for j, (row, norm) in enumerate(zip(logits, zip(tops, log_sums)), start=first):
             r.prompt_logprobs.append(token_logprob(row, prompt[j + 1], norm))
             r.prompt_top_logprobs.append(top_logprobs(row, opts.prompt_logprobs, norm) if opts.prompt_logprobs else {})
 
-    def start_record(self) -> None:
-        """Keep this prompt's scoring per position (for the prefix cache to keep with its blocks)."""
-        n = len(self.result.prompt_ids)
-        self.record = {"top": np.zeros(n, np.float32), "log_sum": np.zeros(n), "scored": np.zeros(n, bool),
-                       "top_ids": np.zeros((n, TOP), np.int64), "top_logits": np.zeros((n, TOP), np.float32),
-                       "next_logit": np.zeros(n, np.float32)}
-
-    def score_cached(self, record: dict[str, np.ndarray], n_positions: int, start: int = 0) -> None:
+    def score_cached(self, record: Stats, n_positions: int, start: int = 0) -> None:
         """Record the prompt's log-probabilities at positions start .. start + n_positions - 1 from
         their scoring as the prefix cache keeps it (`record`: arrays over those positions, from the
         cache, or just made): the same floats `token_logprob` and `top_logprobs` give from the
         logits (the same logits, normalizer and expression)."""
         r, n = self.result, self.options.prompt_logprobs
         begin = max(0, self.score_from - 1 - start)
-        lps = logprob(record["next_logit"][begin:n_positions], (record["top"][begin:n_positions],
-                                                                 record["log_sum"][begin:n_positions]))
+        lps = logprob(record.next_logit[begin:n_positions], (record.top[begin:n_positions],
+                                                             record.log_sum[begin:n_positions]))
         r.prompt_logprobs += lps.tolist()
         if not n:
             r.prompt_top_logprobs += [{} for _ in range(begin, n_positions)]
             return
-        values = logprob(record["top_logits"][begin:n_positions, :n], (record["top"][begin:n_positions, None],
-                                                                         record["log_sum"][begin:n_positions, None]))
-        for ids, vals in zip(record["top_ids"][begin:n_positions, :n].tolist(), values.tolist()):
+        values = logprob(record.top_logits[begin:n_positions, :n], (record.top[begin:n_positions, None],
+                                                                     record.log_sum[begin:n_positions, None]))
+        for ids, vals in zip(record.top_ids[begin:n_positions, :n].tolist(), values.tolist()):
             r.prompt_top_logprobs.append(dict(zip(ids, vals)))
 
-    def take_cached(self, record: dict[str, np.ndarray], reused: int) -> None:
+    def take_cached(self, record: PromptRecord, reused: int) -> None:
         """The `reused` positions' scoring from the prefix cache: into the result, and kept."""
         self.score_cached(record, reused)
-        if self.record is not None:
-            for name, values in record.items():
-                self.record[name][:reused] = values[:reused]
+        own = self.prefix.record
+        if own is not None:
+            for name in vars(own):
+                getattr(own, name)[:reused] = getattr(record, name)[:reused]
+
+    def skip_cached(self, n: int) -> None:
+        """Start after the first n positions of the prompt, which the cache gave (not computed)."""
+        self.cache.length = n
+        self.pending = self.pending[n:]
+        self.result.cached_tokens = n
 
     def accept(self, logits: np.ndarray | None, norm: tuple | None = None) -> tuple[int | None, str, str]:
         """Choose the next token from the logits of the last position; return it, the text it

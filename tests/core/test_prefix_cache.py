@@ -204,7 +204,7 @@ def test_a_prompt_is_cached_in_the_step_after_its_first_token(model):
     assert again.result.cached_tokens == len(prompt) - 1 and again.result.ids == s.result.ids
 
     broken = model.engine(prefix_cache=64)
-    broken._cache_prompt = lambda seq, cache: 1 / 0
+    broken.prefix._insert = lambda seq, kv: 1 / 0  # the prefix cache manager inserts the prompt
     s = broken.add(prompt, Options(n_tokens=5, stop_at_eos=False))
     broken.run()
     assert s.result.stop_reason == "error" and "caching the prompt failed" in s.result.error

@@ -93,7 +93,7 @@ class EngineWorker:
                     # their shared context in one pass). Only an idle engine waits, and only for
                     # prompts scored (lm-eval's loglikelihood requests, sent in bursts): a generating
                     # request's first token does not wait, and a prompt sharing its prefix that
-                    # comes a moment later reads it from its pass (`Engine._reader`), not again.
+                    # comes a moment later reads it from its pass (`PrefixCacheManager.reader`), not again.
                     gather = any(s.scoring for s, _ in self._inbox)
                     deadline = time.monotonic() + (GATHER_S if gather else 0)
                     while not self._stop and (left := deadline - time.monotonic()) > 0:
