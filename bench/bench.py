@@ -261,9 +261,9 @@ def batch_throughput(model, batch: int = 8, prompt_tokens: int = 16, n: int = 32
 
 PEAK_RSS = """
 import sys
-from gpt2np.cli.run import run
+from gpt2np.cli.run import gpt_run
 try:
-    run.main(sys.argv[1:], standalone_mode=False)
+    gpt_run.main(sys.argv[1:], standalone_mode=False)
 finally:
     sys.stdout.flush()
     hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))

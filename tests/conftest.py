@@ -18,10 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent / "helpers"))  # checkpoints, the TF reference, servers
 
-from make_checkpoint import random_openai_weights, save_checkpoint  # noqa: E402
+from helpers.make_checkpoint import random_openai_weights, save_checkpoint  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 BPE_DIR = DATA / "gpt2-bpe"

@@ -50,7 +50,7 @@ TOP = MAX_TOP_LOGPROBS  # alternatives kept per position: enough for any prompt_
 class Stats:
     """What a block's positions answer prompt log-probabilities with (None where not scored)."""
 
-    top: np.ndarray  # [B] max logit of each position (float32)
+    max_logit: np.ndarray  # [B] the largest logit of each position (float32)
     log_sum: np.ndarray  # [B] log Σ exp(logits − max) (float64)
     top_ids: np.ndarray  # [B, TOP] most likely tokens, most likely first (ties by id)
     top_logits: np.ndarray  # [B, TOP] their logits (float32)
@@ -312,7 +312,7 @@ class PrefixCacheManager:
             s.admit()
             return
         pieces = [(b, BLOCK) for b in blocks] + ([(partial, n)] if n else [])
-        runs = [(seg.kT[..., at:at + m], seg.v[:, :, at:at + m]) for seg, at, m in _runs(pieces)]
+        runs = [(seg.kT[..., at:at + m], seg.v[:, :, at:at + m]) for seg, at, m in _position_runs(pieces)]
         s.admit(first_positions(runs, reused))  # read in place: segments are never written again
         self._skip(s, reused)
         if s.scoring:
@@ -452,7 +452,7 @@ def _reusable(s: SequenceState, shared: int) -> int:
     return max(shared - 1, 0) if needs_last else shared
 
 
-def _runs(pieces: list[tuple[CachedBlock, int]]) -> Iterator[tuple[KVSegment, int, int]]:
+def _position_runs(pieces: list[tuple[CachedBlock, int]]) -> Iterator[tuple[KVSegment, int, int]]:
     """(segment, offset, positions) of each run of consecutive positions of one segment among
     the first m positions of each block (`pieces`)."""
     run = None

@@ -54,8 +54,8 @@ class Sampling:
 def log_normalizer(logits: np.ndarray) -> tuple[np.floating, np.floating]:
     """(max, log Σ exp(logits − max)): log p = logit − max − the second. Computed once per row for
     `token_logprob` and `top_logprobs` together (it is a pass over the whole vocabulary)."""
-    (top,), (log_sum,) = log_normalizers(logits[None])
-    return top, log_sum
+    (peak,), (log_sum,) = log_normalizers(logits[None])
+    return peak, log_sum
 
 
 def log_normalizers(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -63,15 +63,15 @@ def log_normalizers(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     in one pass over all rows: a batch's rows cost a few large operations, not N small ones. The
     exponentials go `_ROWS` rows at a time through one scratch block that stays in cache (the
     same operations on each row, so the same floats, as one row alone)."""
-    top = logits.max(axis=-1)
+    peak = logits.max(axis=-1)
     log_sum = np.empty(len(logits))
     e = np.empty((min(len(logits), _ROWS), logits.shape[-1]), dtype=np.float32)
     for lo in range(0, len(logits), _ROWS):
         rows = logits[lo:lo + _ROWS]
-        block = np.subtract(rows, top[lo:lo + _ROWS, None], out=e[:len(rows)])
+        block = np.subtract(rows, peak[lo:lo + _ROWS, None], out=e[:len(rows)])
         np.exp(block, out=block)
         log_sum[lo:lo + len(block)] = block.sum(axis=-1, dtype=np.float64)
-    return top, np.log(log_sum)
+    return peak, np.log(log_sum)
 
 
 _ROWS = 16  # rows of logits per block: [16, 50257] float32 is 3 MB
@@ -85,8 +85,8 @@ def logprob(logits, norm: tuple) -> np.ndarray:
     generated token's, its alternatives', the prompt's, a score's) comes from it, evaluated in the
     same order, so the same token at the same position always shows the same float (a client may
     compare them with ==, as lm-evaluation-harness does to decide `is_greedy`)."""
-    top, log_sum = norm
-    return (np.asarray(logits, dtype=np.float64) - np.asarray(top, dtype=np.float64)) - np.asarray(log_sum, np.float64)
+    peak, log_sum = norm
+    return (np.asarray(logits, dtype=np.float64) - np.asarray(peak, dtype=np.float64)) - np.asarray(log_sum, np.float64)
 
 
 def token_logprob(logits: np.ndarray, token: int, norm: tuple | None = None) -> float:

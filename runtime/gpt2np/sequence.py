@@ -199,17 +199,17 @@ class SequenceState:
         logits = logits[:max(0, len(prompt) - 1 - first)]  # the last prompt position predicts no prompt token
         if not len(logits):
             return
-        tops, log_sums = log_normalizers(logits)
+        peaks, log_sums = log_normalizers(logits)
         rec = self.prefix.record
         if rec is not None:  # kept for the prefix cache: each position's normalizer and top logits
             rows, span = np.arange(len(logits)), slice(first, first + len(logits))
             ids = top_ids(logits, TOP)
-            rec.top[span], rec.log_sum[span], rec.scored[span] = tops, log_sums, True
+            rec.max_logit[span], rec.log_sum[span], rec.scored[span] = peaks, log_sums, True
             rec.top_ids[span], rec.top_logits[span] = ids, np.take_along_axis(logits, ids, axis=1)
             rec.next_logit[span] = logits[rows, prompt[first + 1:first + 1 + len(logits)]]
             self.score_cached(rec.rows(span), len(logits), start=first)
             return
-        for j, (row, norm) in enumerate(zip(logits, zip(tops, log_sums)), start=first):
+        for j, (row, norm) in enumerate(zip(logits, zip(peaks, log_sums)), start=first):
             r.prompt_logprobs.append(token_logprob(row, prompt[j + 1], norm))
             r.prompt_top_logprobs.append(top_logprobs(row, opts.prompt_logprobs, norm) if opts.prompt_logprobs else {})
 
@@ -220,13 +220,13 @@ class SequenceState:
         logits (the same logits, normalizer and expression)."""
         r, n = self.result, self.options.prompt_logprobs
         begin = max(0, self.score_from - 1 - start)
-        lps = logprob(record.next_logit[begin:n_positions], (record.top[begin:n_positions],
+        lps = logprob(record.next_logit[begin:n_positions], (record.max_logit[begin:n_positions],
                                                              record.log_sum[begin:n_positions]))
         r.prompt_logprobs += lps.tolist()
         if not n:
             r.prompt_top_logprobs += [{} for _ in range(begin, n_positions)]
             return
-        values = logprob(record.top_logits[begin:n_positions, :n], (record.top[begin:n_positions, None],
+        values = logprob(record.top_logits[begin:n_positions, :n], (record.max_logit[begin:n_positions, None],
                                                                      record.log_sum[begin:n_positions, None]))
         for ids, vals in zip(record.top_ids[begin:n_positions, :n].tolist(), values.tolist()):
             r.prompt_top_logprobs.append(dict(zip(ids, vals)))

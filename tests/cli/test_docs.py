@@ -14,7 +14,7 @@ ROOT = Path(__file__).parent.parent.parent
 DOCS = ROOT / "docs"
 PAGES = {  # command: (its click command, its page)
     "gpt-convert": ("gpt2np_convert.cli:convert_command", "convert.md"),
-    "gpt-run": ("gpt2np.cli.run:run", "run.md"),
+    "gpt-run": ("gpt2np.cli.run:gpt_run", "run.md"),
     "gpt-serve": ("gpt2np.serve.cli:serve", "serve.md"),
     "gpt-batch": ("gpt2np.ray.cli:batch", "batch.md"),
     "gpt-explain": ("gpt2np.explain.cli:explain", "explain.md"),

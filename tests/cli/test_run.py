@@ -8,7 +8,7 @@ import pytest
 import gpt2np
 from conftest import BIN, SMALL_HPARAMS, run_cli
 
-tf_reference = pytest.importorskip("tf_reference")
+tf_reference = pytest.importorskip("helpers.tf_reference")
 
 
 def assert_one_line_error(result, *fragments):

@@ -12,11 +12,11 @@ import gpt2np
 from conftest import SMALL_HPARAMS, run_cli
 from gpt2np.weights import SafetensorsFile
 from gpt2np_convert.checkpoint import import_tensorflow, tf_name
-from http_server import FaultyServer
-from make_checkpoint import save_checkpoint
+from helpers.http_server import FaultyServer
+from helpers.make_checkpoint import save_checkpoint
 
 tf = import_tensorflow()
-tf_reference = pytest.importorskip("tf_reference")
+tf_reference = pytest.importorskip("helpers.tf_reference")
 
 
 def checkpoint_variables(folder):

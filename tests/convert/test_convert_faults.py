@@ -12,7 +12,7 @@ import pytest
 import gpt2np
 from conftest import BIN, run_cli
 from gpt2np.integrity import SUMS_FILE, file_sha256
-from http_server import FaultyServer
+from helpers.http_server import FaultyServer
 from test_convert import assert_faithful
 
 DATA = "/124M/model.ckpt.data-00000-of-00001"

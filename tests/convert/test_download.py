@@ -4,7 +4,7 @@ import pytest
 
 from gpt2np import GPT2Error
 from gpt2np_convert.download import FILES, canonical_model, download_model, fetch
-from http_server import FaultyServer
+from helpers.http_server import FaultyServer
 
 DATA = "/124M/model.ckpt.data-00000-of-00001"
 

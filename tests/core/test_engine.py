@@ -6,7 +6,7 @@ import pytest
 
 import gpt2np
 from gpt2np import Event, GPT2Error, Options
-from sampling_reference import log_softmax
+from helpers.sampling_reference import log_softmax
 
 
 PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog again and again", "日本語",

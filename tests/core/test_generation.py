@@ -9,7 +9,7 @@ import gpt2np
 from gpt2np.stops import StopStrings
 from conftest import SMALL_HPARAMS
 
-tf_reference = pytest.importorskip("tf_reference")
+tf_reference = pytest.importorskip("helpers.tf_reference")
 
 
 @settings(max_examples=300, deadline=None)

@@ -7,7 +7,7 @@ import gpt2np
 from gpt2np import kv, model as M
 from conftest import HPARAMS_124M, SMALL_HPARAMS, write_model_dir
 
-tf_reference = pytest.importorskip("tf_reference")
+tf_reference = pytest.importorskip("helpers.tf_reference")
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Ünïcödé, 日本語, and emoji 🙂!"
 

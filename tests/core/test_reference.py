@@ -8,7 +8,7 @@ import gpt2np
 from gpt2np import GPT2Error, reference
 from conftest import SMALL_HPARAMS
 
-tf_reference = pytest.importorskip("tf_reference")
+tf_reference = pytest.importorskip("helpers.tf_reference")
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Ünïcödé, 日本語, and emoji 🙂!"
 

@@ -5,7 +5,7 @@ import pytest
 
 from gpt2np import GPT2Error, Sampling
 from gpt2np.sampling import choose, log_normalizer, log_normalizers, logprob, token_logprob, top_ids, top_logprobs
-from sampling_reference import allowed, candidates, log_softmax
+from helpers.sampling_reference import allowed, candidates, log_softmax
 
 
 def softmax64(z):

@@ -9,7 +9,7 @@ import gpt2np
 from gpt2np import GPT2Error
 from conftest import SMALL_HPARAMS
 
-tf_reference = pytest.importorskip("tf_reference")
+tf_reference = pytest.importorskip("helpers.tf_reference")
 EOS = 50256
 
 

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from conftest import BIN
-from serve_process import ServerProcess
+from helpers.serve_process import ServerProcess
 
 MODEL = "small"
 HOOKS = Path(__file__).parent / "schemathesis_hooks.py"
@@ -103,7 +103,7 @@ def _stream_gaps(url: str, n_tokens: int) -> list[float]:
 def long_context_dir(tmp_path_factory):
     """The small model's shapes with a 1024-position context, so that streams run for a while."""
     from conftest import SMALL_HPARAMS, write_model_dir
-    from make_checkpoint import random_openai_weights
+    from helpers.make_checkpoint import random_openai_weights
 
     hp = {**SMALL_HPARAMS, "n_ctx": 1024}
     return write_model_dir(tmp_path_factory.mktemp("long") / "model", hp, random_openai_weights(hp, seed=2))

@@ -18,8 +18,8 @@ import pytest
 
 import gpt2np
 from conftest import BIN
-from sampling_reference import log_softmax
-from serve_process import ServerProcess
+from helpers.sampling_reference import log_softmax
+from helpers.serve_process import ServerProcess
 
 lm_eval_utils = pytest.importorskip("lm_eval.utils", reason="lm-evaluation-harness (the test extra) is not installed")
 

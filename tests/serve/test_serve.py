@@ -17,8 +17,8 @@ import pytest
 
 import gpt2np
 from conftest import run_cli
-from sampling_reference import log_softmax
-from serve_process import ServerProcess
+from helpers.sampling_reference import log_softmax
+from helpers.serve_process import ServerProcess
 
 MODEL = "small"
 

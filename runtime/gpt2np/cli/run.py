@@ -59,7 +59,7 @@ def _stats(g) -> str:
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object (ids, text, log-probabilities, stop reason, timings) instead of text.")
 @click.option("--stats", is_flag=True, help="Print token counts, speed and times to stderr.")
-def run(model_dir, prompt, options, prompts_file, batch_size, score_source, stride, prefix_cache_mb, verify, as_json,
+def gpt_run(model_dir, prompt, options, prompts_file, batch_size, score_source, stride, prefix_cache_mb, verify, as_json,
         stats):
     """Continue PROMPT with the GPT-2 model in MODEL_DIR, streaming the new text to stdout.
 
@@ -111,7 +111,7 @@ def run(model_dir, prompt, options, prompts_file, batch_size, score_source, stri
             out.write(f"tokens: {len(result.ids)}\nnll: {result.nll:.6f}\nperplexity: {result.perplexity:.6f}\n")
         return
     if prompts_file:
-        _run_prompts_file(model, read_prompts(prompts_file), batch_size, {**options, "prefix_cache": prefix_cache_mb},
+        _run_prompts_file(model, read_prompts(prompts_file), batch_size, options, prefix_cache_mb,
                           out, stats)
         return
     text = read_text("-", "the prompt on stdin") if prompt == "-" else prompt
@@ -131,10 +131,11 @@ def run(model_dir, prompt, options, prompts_file, batch_size, score_source, stri
         print(f"gpt-run: {_stats(g)}", file=sys.stderr)
 
 
-def _run_prompts_file(model, prompts: list[str], batch_size: int, options: dict, out: Out, stats: bool) -> None:
+def _run_prompts_file(model, prompts: list[str], batch_size: int, options: dict, prefix_cache_mb: float | None,
+                      out: Out, stats: bool) -> None:
     """Decode every prompt with up to `batch_size` in the pass at once (a new one joins as soon as
     one finishes); print the results in input order as soon as each and those before it are done."""
-    engine, seqs = model.queue(prompts, strict=False, max_batch=batch_size, **options)
+    engine, seqs = model.queue(prompts, strict=False, max_batch=batch_size, prefix_cache=prefix_cache_mb, **options)
     printed = 0
     for _ in engine.events():
         while printed < len(seqs) and seqs[printed].done:
@@ -151,4 +152,4 @@ def _run_prompts_file(model, prompts: list[str], batch_size: int, options: dict,
 
 
 def main() -> None:
-    run_command(run, "gpt-run")
+    run_command(gpt_run, "gpt-run")

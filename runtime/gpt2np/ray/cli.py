@@ -78,7 +78,7 @@ def batch(model_dir, input_path, output_dir, task, address, workers, threads_per
                     counts["errors"] += errors
                     advance(rows)
 
-                run(model_dir, chunks, shards, task, address, workers, threads_per_worker, batch_size, stride,
+                run_job(model_dir, chunks, shards, task, address, workers, threads_per_worker, batch_size, stride,
                     {**options, "prefix_cache_mb": prefix_cache_mb}, add)
         finally:
             shards.close()
@@ -88,7 +88,7 @@ def batch(model_dir, input_path, output_dir, task, address, workers, threads_per
           f"{time.monotonic() - started:.1f} s -> {output_dir}", file=sys.stderr)
 
 
-def run(model_dir, chunks, out, task, address, workers, threads, batch_size, stride, options, progress) -> None:
+def run_job(model_dir, chunks, out, task, address, workers, threads, batch_size, stride, options, progress) -> None:
     """Run the job on Ray; `progress(rows, tokens, errors)` is told of every batch written."""
     try:
         import ray
