@@ -228,16 +228,18 @@ class Tokenizer:
             missing = set(pieces)
         long = {}
         for piece in missing:
-            (long if len(piece) >= _LONG_PIECE else cache)[piece] = self._bpe_bytes(piece.encode("utf-8"))
+            (long if len(piece) >= _LONG_PIECE else cache)[piece] = self._bpe_piece(piece)
         if long:
             return list(chain.from_iterable(long[p] if p in long else cache[p] for p in pieces))
         return list(chain.from_iterable(map(cache.__getitem__, pieces)))
 
-    def _bpe_bytes(self, data: bytes) -> tuple[int, ...]:
-        """Token ids of one piece's UTF-8 bytes: from `_LONG_PIECE` bytes on in NumPy rounds (`bpe_long`)."""
-        if len(data) >= _LONG_PIECE and self._byte_tokens is not None:
-            return tuple(merge_long(self._pair_table, data).tolist())
-        return self._bpe(data.decode("latin-1").translate(self._byte_table))
+    def _bpe_piece(self, piece: str) -> tuple[int, ...]:
+        """Token ids of one piece: from `_LONG_PIECE` bytes on in NumPy rounds (`bpe_long`)."""
+        if len(piece) * 4 >= _LONG_PIECE and self._byte_tokens is not None:  # it may be that long in UTF-8
+            data = piece.encode("utf-8")
+            if len(data) >= _LONG_PIECE:
+                return tuple(merge_long(self._pair_table, data).tolist())
+        return self._bpe(self._byte_chars(piece))
 
     @cached_property
     def _pair_table(self) -> PairTable:
