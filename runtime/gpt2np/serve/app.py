@@ -69,12 +69,13 @@ class Guard:
             await send(message)
 
         try:
-            error = self.check(scope, path)
+            headers = dict(scope["headers"])
+            error = self.check(headers, path)
             if error is None and scope["method"] in ("POST", "PUT", "PATCH"):
-                receive, error = await self.read_body(scope, receive)
+                receive, error = await self.read_body(headers, receive)
                 if error is None:
-                    error = self.check_content_type(scope)
-                if error is None and b"content-type" not in dict(scope["headers"]):  # read as JSON, as before
+                    error = self.check_content_type(headers)
+                if error is None and b"content-type" not in headers:  # read as JSON, as before
                     scope = {**scope, "headers": [*scope["headers"], (b"content-type", b"application/json")]}
             if error is not None:
                 # the body was not read (or not whole): close, as nothing after it can be parsed
@@ -85,13 +86,13 @@ class Guard:
                 self.state.metrics.requests.labels(path if path in _KNOWN else "other",
                                                    str(status.get("code", 499))).inc()
 
-    def check(self, scope, path: str) -> APIError | None:
+    def check(self, headers: dict[bytes, bytes], path: str) -> APIError | None:
         if self.state.draining and path != "/metrics":
             return APIError(503, "the server is shutting down and takes no new requests", type="server_error",
                             code="shutting_down")
         key = self.state.api_key
         if key and (path.startswith("/v1/") or path in _TOKENIZER_PATHS):
-            auth = dict(scope["headers"]).get(b"authorization", b"")  # bytes as sent: a UTF-8 key matches
+            auth = headers.get(b"authorization", b"")  # bytes as sent: a UTF-8 key matches
             given = auth[7:] if auth[:7].lower() == b"bearer " else b""
             if not hmac.compare_digest(given, key.encode("utf-8")):
                 return APIError(401, "Incorrect API key provided: pass it as `Authorization: Bearer KEY`",
@@ -99,9 +100,9 @@ class Guard:
         return None
 
     @staticmethod
-    def check_content_type(scope) -> APIError | None:
+    def check_content_type(headers: dict[bytes, bytes]) -> APIError | None:
         """415 unless the body is sent as JSON (a body without a Content-Type is read as JSON)."""
-        given = dict(scope["headers"]).get(b"content-type")
+        given = headers.get(b"content-type")
         if given is None:
             return None
         kind = given.split(b";")[0].strip().lower()
@@ -110,10 +111,10 @@ class Guard:
         return APIError(415, f"the body must be JSON, sent with `Content-Type: application/json` "
                              f"(got {given.decode('latin-1')[:100]!r})", code="unsupported_media_type")
 
-    async def read_body(self, scope, receive):
+    async def read_body(self, headers: dict[bytes, bytes], receive):
         """The whole body, refused with 413 past MAX_BODY_BYTES (by its Content-Length at once)
         and with 408 if it has not all come within the body timeout."""
-        length = dict(scope["headers"]).get(b"content-length")
+        length = headers.get(b"content-length")
         too_big = APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
         if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
             return receive, too_big
