@@ -13,10 +13,10 @@ MODELS ?= models
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[convert,serve,ray,test]'
+	$(BIN)/pip install --quiet -e '.[convert,serve,ray,structured,test]'
 	touch $@
 
-## install: the runtime, the converter (TensorFlow) and the test tools, into .venv
+## install: the runtime, its extras, the converter (TensorFlow) and the test tools, into .venv
 install: $(STAMP)
 
 ## run: download and convert MODEL once (into models/MODEL), then continue PROMPT

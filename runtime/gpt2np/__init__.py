@@ -18,6 +18,7 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")  # read when NumPy loads 
 
 from .api import GPT2, TextStream, load, load_tokenizer
 from .config import GPT2Config
+from .constraint import Constraint
 from .engine import Engine
 from .errors import GPT2Error
 from .options import Options
@@ -27,6 +28,6 @@ from .score import TextScore
 from .sequence import STOP_REASONS, Event, Generation, SequenceState
 from .tokenizer import Tokenizer
 
-__all__ = ["Engine", "Event", "GPT2", "GPT2Config", "GPT2Error", "Generation", "Options", "STOP_REASONS", "Sampling",
+__all__ = ["Constraint", "Engine", "Event", "GPT2", "GPT2Config", "GPT2Error", "Generation", "Options", "STOP_REASONS", "Sampling",
            "SequenceState", "TextScore", "TextStream", "Tokenizer", "Trace", "load", "load_tokenizer"]
 __version__ = "0.1.0"

@@ -11,6 +11,7 @@ import numpy as np
 
 from . import reference
 from .config import GPT2Config
+from .constraint import backend as constraint_backend
 from .engine import Engine
 from .errors import GPT2Error
 from .kv import KVCache
@@ -133,8 +134,12 @@ class GPT2:
         return prompt_ids(prompt, self.tokenizer, self.config, special=special, limit=limit)
 
     def options(self, n_tokens: int = 50, **options) -> Options:
-        """The generation options (see `gpt2np.options.Options`), checked."""
-        return Options(n_tokens=n_tokens, **options)
+        """The generation options (see `gpt2np.options.Options`), checked; a constraint is compiled
+        now (and kept in the compile cache), so that a bad one fails before any prompt runs."""
+        opts = Options(n_tokens=n_tokens, **options)
+        if opts.constraint is not None:
+            constraint_backend().compile_constraint(opts.constraint, self.tokenizer)
+        return opts
 
     def engine(self, max_batch: int | None = None, prefill_chunk: int | None = None,
                prefix_cache: PrefixCache | float | None = None, *, max_batched_tokens: int | None = None,
@@ -158,19 +163,24 @@ class GPT2:
 
     def queue(self, prompts: Sequence[str | Sequence[int] | GPT2Error], n_tokens: int = 50, *,
               strict: bool = True, max_batch: int | None = None, seeds: Sequence[int] | None = None,
-              prefix_cache: PrefixCache | float | None = None, **options) -> tuple[Engine, list[SequenceState]]:
+              constraints: Sequence | None = None, prefix_cache: PrefixCache | float | None = None,
+              **options) -> tuple[Engine, list[SequenceState]]:
         """A new engine holding `prompts`, not yet run, and their sequences in order.
 
         `strict`: a prompt that cannot run raises `GPT2Error` (nothing runs); otherwise it becomes
         a sequence that ends at once with an error, and the others run. A prompt given as a
         `GPT2Error` is one already known to fail (an earlier stage's error): it ends so. `seeds`:
-        each prompt's own seed, in place of the option `seed`. `prefix_cache`: see `engine`.
+        each prompt's own seed, in place of the option `seed`; `constraints`: each prompt's own
+        constraint (a `Constraint`, its dict, or None), in place of the option `constraint` (a bad
+        one fails its prompt as a bad prompt does). `prefix_cache`: see `engine`.
         """
         opts = self.options(n_tokens, **options)
         engine, seqs = self.engine(max_batch=max_batch, prefix_cache=prefix_cache), []
         for i, p in enumerate(prompts):
             own = opts if seeds is None else dataclasses.replace(opts, seed=seeds[i])
             try:
+                if constraints is not None:
+                    own = dataclasses.replace(own, constraint=constraints[i])
                 if isinstance(p, GPT2Error):
                     raise p
                 seqs.append(engine.add(self.prompt_ids(p), own, tag=i))

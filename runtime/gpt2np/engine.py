@@ -29,6 +29,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .config import GPT2Config
+from .constraint import fill_masks
 from .kv import KVPool
 from .model import Params, lm_head, transformer
 from .options import Options
@@ -231,16 +232,17 @@ class Engine:
     def _pass_positions(self, batch: list[tuple[SequenceState, int]], events: list[Event]) -> None:
         try:
             hidden = transformer(self.params, self.config, [(s.pending[:n], s.cache) for s, n in batch],
-                                 all_positions=[s.scoring for s, _ in batch],
+                                 all_positions=[s.scoring or bool(s.forced) for s, _ in batch],
                                  borrows=[self.prefix.borrow(s) if self.prefix else None for s, _ in batch])
             scored = []
             for (s, n), h in zip(batch, hidden):
                 scored.append((s, h, s.cache.length - n))
                 s.pending = s.pending[n:]
             ready = [(s, h) for s, h, _ in scored if len(s.pending) == 0]
-            # The last positions of those that now choose a token: their logits come from the
-            # scoring product (one LM head product serves them all).
-            choosing = [h[-1:] for s, h in ready if s.options.n_tokens]
+            # The last positions of those that now choose a token (and of tokens a constraint
+            # forced, for their log-probabilities): their logits come from the scoring product (one
+            # LM head product serves them all).
+            choosing = [h[-1 - len(s.forced):] for s, h in ready if s.options.n_tokens]
             rows = self._score([job for job in scored if job[0].scoring], events,
                                np.concatenate(choosing) if choosing else None)
             if self.prefix is not None:
@@ -249,22 +251,29 @@ class Engine:
                         _guarded(s, events, "reading a shared prompt", self.prefix.take_lent, s)
                 for s, _ in ready:  # their prompts go into the prefix cache at the next step
                     self.prefix.hold(s)
-            logits = norms = iter(())
-            if rows is not None:
-                logits, norms = iter(rows), zip(*log_normalizers(rows))
+            norms = log_normalizers(rows) if rows is not None else None
         except Exception as e:  # noqa: BLE001 -- a failed pass fails its sequences, never the loop
             for s, _ in batch:
                 if not s.done:
                     s.fail(f"the forward pass failed: {type(e).__name__}: {e}")
                     events.append(s.event())
             return
+        guided = [s for s, _ in ready if s.guide is not None and not s.done]
+        if guided:  # the batch's constraint masks, together
+            try:
+                fill_masks([s.guide for s in guided])
+            except Exception:  # noqa: BLE001 -- each then fills its own in `accept`, and fails alone
+                pass
+        at = 0
         for s, _ in ready:
-            row, norm = (next(logits), next(norms)) if s.options.n_tokens else (None, None)
+            n = 1 + len(s.forced) if s.options.n_tokens else 0
+            block = (rows[at:at + n], (norms[0][at:at + n], norms[1][at:at + n])) if n else (None, None)
+            at += n
             if s.done:  # its scoring failed
                 continue
-            ok, chosen = _guarded(s, events, "choosing a token", s.accept, row, norm)
+            ok, taken = _guarded(s, events, "choosing a token", s.accept, *block)
             if ok:
-                events.append(s.event(*chosen))
+                events += s.events(taken)
 
     def _positions(self) -> list[tuple[SequenceState, int]]:
         """How many pending positions of each running sequence go into this step's pass: a

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 from functools import cached_property
 from typing import Any, Callable, Mapping
 
+from .constraint import Constraint
 from .errors import GPT2Error
 from .sampling import Sampling
 
@@ -63,6 +64,12 @@ def _token_id(key: Any) -> int:
         except TypeError:
             pass
     raise GPT2Error(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
+
+
+def _constraint(name: str, v: Any) -> None:
+    if v is not None and not isinstance(v, Constraint):
+        raise GPT2Error(f"{name} must be a Constraint (or a dict such as {{'regex': ...}}), got {type(v).__name__}",
+                        name)
 
 
 def _flag(name: str, v: Any) -> None:
@@ -129,7 +136,20 @@ class Options:
         None, "Score the prompt's tokens too, recording N alternatives at each (the first token has none).",
         lambda name, v: v is None or _whole(0, MAX_TOP_LOGPROBS)(name, v))
 
+    constraint: Constraint | None = option(
+        None, "What the output must be: a JSON schema, any JSON object, a regular expression, a choice among "
+              "strings or a grammar (`Constraint`, or a dict such as `{'json': schema}`; needs gpt2np[structured]). "
+              "Tokens it forbids get probability zero; the output ends when it is complete.", _constraint,
+        {"constraint": True})
+    fast_forward: bool = option(
+        True, "With a constraint, append the tokens it forces (a key, a separator, the rest of the only choice "
+              "left) without sampling them, several in one pass.", _flag,
+        {"flag": "--no-fast-forward", "is_flag": True, "invert": True,
+         "help": "With a constraint, sample the text it forces token by token instead of appending it."})
+
     def __post_init__(self) -> None:
+        if isinstance(self.constraint, Mapping):
+            object.__setattr__(self, "constraint", Constraint.parse(self.constraint))
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         if isinstance(self.logit_bias, Mapping):

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .config import GPT2Config
+from .constraint import backend as constraint_backend
 from .errors import GPT2Error
 from .kv import KVCache, KVPool
 from .options import MAX_TOP_LOGPROBS as TOP
@@ -66,6 +67,7 @@ class Generation:
     decode_s: float = 0.0
     token_texts: list[str] = field(default_factory=list)
     cached_tokens: int = 0  # prompt positions taken from the prefix cache, not computed
+    forced: int = 0  # of `ids`, how many a constraint forced (appended without sampling: fast-forward)
 
     @property
     def tokens_per_s(self) -> float:
@@ -121,6 +123,8 @@ class SequenceState:
         self.tag: Any = None  # for the caller: which request or prompt this is
         self.fresh = True  # pending is the whole prompt, as given (not a sliding window's restart)
         self.prefix = PrefixSlot(salt)  # the prefix cache's own (`PrefixCacheManager`): salt, keys, record
+        self.guide = None  # with a constraint, where the output is in it (`gpt2np.structured.Guide`)
+        self.forced: list[int] = []  # pending[1:] when a constraint forced them: their rows give their logprobs
         if error is not None:
             self.fail(error)
             return
@@ -138,6 +142,8 @@ class SequenceState:
         if len(prompt_ids) > n and not options.sliding_window:
             raise GPT2Error(f"the prompt is {len(prompt_ids)} tokens; the model's context is {n} "
                             "(the sliding window keeps only the most recent part)", "prompt")
+        if options.constraint is not None:  # compiled here: on the caller's thread, not the engine's loop
+            self.guide = constraint_backend().Guide(options.constraint, tokenizer, config.vocab_size)
         self.rng = options.sampling.rng()
         self.text_decoder = tokenizer.stream_decoder()
         self.stops = StopStrings(options.stop)
@@ -164,6 +170,10 @@ class SequenceState:
     def event(self, token: int | None = None, text: str = "", token_text: str = "") -> Event:
         """This step's `Event` for this sequence, with its stop reason if it is done."""
         return Event(self, token, text, token_text, self.result.stop_reason if self.done else None)
+
+    def events(self, taken: list[tuple[int | None, str, str]]) -> list[Event]:
+        """The events of the tokens `accept` took in one step: the stop reason on the last only."""
+        return [Event(self, *t) for t in taken[:-1]] + [self.event(*taken[-1])]
 
     def admit(self, prefix: list[tuple[np.ndarray, np.ndarray]] = ()) -> None:
         """Take a place in the batch: allocate the cache for the prompt and every new token. The
@@ -245,11 +255,17 @@ class SequenceState:
         self.pending = self.pending[n:]
         self.result.cached_tokens = n
 
-    def accept(self, logits: np.ndarray | None, norm: tuple | None = None) -> tuple[int | None, str, str]:
-        """Choose the next token from the logits of the last position; return it, the text it
-        releases (held back while it may begin a stop string) and its own decoded text. A sequence
-        that only scores its prompt (no new tokens) finishes here instead (its `logits` may be None). `norm`:
-        `log_normalizer(logits)`, if the caller made it (for a batch, in one pass)."""
+    def accept(self, logits: np.ndarray | None, norm: tuple | None = None) -> list[tuple[int | None, str, str]]:
+        """Take the next tokens from the logits of the positions just run; return, for each token
+        taken, the token, the text it releases (held back while it may begin a stop string) and
+        its own decoded text.
+
+        `logits` [1 + len(forced), V] (or [V] for one): the rows of the pending positions after
+        the first, which give the log-probabilities of the forced tokens among them (see
+        `forced`), then the row of the last, from which the next token is chosen (or, where the
+        constraint forces it, taken). `norm`: their `log_normalizers`, if the caller made them (for
+        a batch, in one pass). A sequence that only scores its prompt (no new tokens) finishes
+        here instead (its `logits` may be None)."""
         r, opts = self.result, self.options
         now = time.perf_counter()
         if not r.ids:
@@ -257,18 +273,91 @@ class SequenceState:
             r.prefill_s = now - self.admitted_at
         self.scoring = self.reading = self.fresh = False
         if opts.n_tokens == 0:
-            return None, self._finish("length", "", flush=False), ""
-        z = self._adjusted(logits) if opts.adjusts_logits else logits
-        token = choose(z, opts.sampling, self.rng)
+            return [(None, self._finish("length", "", flush=False), "")]
+        rows = logits if logits.ndim == 2 else logits[None]
+        if norm is None:
+            norm = log_normalizers(rows)
+        elif np.ndim(norm[0]) == 0:
+            norm = tuple(np.reshape(v, 1) for v in norm)
+        taken, queued, self.forced = [], self.forced, []
+        for i, token in enumerate(queued):  # appended last step: their rows give their log-probabilities
+            taken.append(self._take(token, rows[i], (norm[0][i], norm[1][i]),
+                                    complete=i == len(queued) - 1 and self.guide.finished))
+            if self.done:
+                return taken
+            r.text += taken[-1][1]
+        row, row_norm = rows[-1], (norm[0][-1], norm[1][-1])
+        guide = self.guide
+        if guide is None:
+            token = choose(self._adjusted(row) if opts.adjusts_logits else row, opts.sampling, self.rng)
+            return taken + [self._take_and_schedule(token, row, row_norm, [])]
+        if guide.error:
+            raise GPT2Error(f"the constraint failed: {guide.error}", "constraint")
+        forced = self._fast_forward(0)
+        if forced:  # the constraint forces the next token: take it, and run the rest in one pass
+            return taken + [self._take_and_schedule(forced[0], row, row_norm, forced[1:])]
+        token = choose(self._constrained(row), opts.sampling, self.rng)
+        if token == self.config.eos_token_id:  # allowed only where the output is complete
+            return taken + [self._take(token, row, row_norm, complete=True)]
+        guide.consume([token])
+        return taken + [self._take_and_schedule(token, row, row_norm, self._fast_forward(1))]
+
+    def _fast_forward(self, taking: int) -> list[int]:
+        """The tokens the constraint forces next (none without `fast_forward`), as many as the
+        tokens left and the context allow after `taking` more tokens; the guide consumes them."""
+        if not self.options.fast_forward:
+            return []
+        left = min(self.options.n_tokens - len(self.result.ids) - taking,
+                   self.config.n_positions - self.cache.length - taking)
+        forced = self.guide.forced()[:max(left, 0)]
+        if forced:
+            self.guide.consume(forced)
+            self.result.forced += len(forced)
+        return forced
+
+    def _constrained(self, row: np.ndarray) -> np.ndarray:
+        """The logits to choose from under the constraint: penalties and bias first, then −inf
+        for every token the constraint forbids (sampling renormalises over the rest)."""
+        z = self._adjusted(row) if self.options.adjusts_logits else row
+        if self.guide.allowed is None:  # not filled by the engine for the batch
+            self.guide.fill()
+            if self.guide.error:
+                raise GPT2Error(f"the constraint failed: {self.guide.error}", "constraint")
+        return np.where(self.guide.allowed[:len(z)], z, np.float32(-np.inf))
+
+    def _take_and_schedule(self, token: int, row: np.ndarray, norm: tuple, then: list[int]) -> tuple[int, str, str]:
+        """Take `token`; unless that ends the sequence, the next pass runs it and `then` (forced
+        tokens whose log-probabilities its rows will give)."""
+        finished = self.guide is not None and not then and self.guide.finished
+        token, text, piece = self._take(token, row, norm, complete=finished)
+        if self.done:
+            return token, text, piece
+        if self.cache.length == self.config.n_positions:  # no room for the token just taken
+            if not self.options.sliding_window:
+                return token, self._finish("context", text), self.result.token_texts[-1]
+            self.pending = np.asarray(self.context[-self.slide_keep:], np.int64)
+            self.reading = True
+            self._new_cache(len(self.pending))
+        else:
+            self.pending = np.array([token, *then], np.int64)
+            self.forced = list(then)
+        self.result.text += text
+        return token, text, piece
+
+    def _take(self, token: int, row: np.ndarray, norm: tuple, complete: bool = False) -> tuple[int, str, str]:
+        """Record one new token (its log-probability from `row`, the model's own distribution),
+        release its text and end the sequence where it ends: at <|endoftext|>, a stop string, the
+        token limit, or (`complete`) where the constraint's output is complete."""
+        r, opts = self.result, self.options
         r.ids.append(token)
-        norm = norm or log_normalizer(logits)
-        r.logprobs.append(token_logprob(logits, token, norm))
+        r.logprobs.append(token_logprob(row, token, norm))
         if opts.logprobs:
-            r.top_logprobs.append(top_logprobs(logits, opts.logprobs, norm))
+            r.top_logprobs.append(top_logprobs(row, opts.logprobs, norm))
         self.context.append(token)
         self.counts[token] = self.counts.get(token, 0) + 1
-        if opts.stop_at_eos and token == self.config.eos_token_id:
-            text = self._finish("eos", "")  # a trailing partial character goes to the token before
+        guided = self.guide is not None
+        if token == self.config.eos_token_id and (opts.stop_at_eos or guided):
+            text = self._finish("stop" if guided else "eos", "")  # a trailing partial character goes to the token before
             r.token_texts.append(self.tokenizer.decode([token]))
             return token, text, r.token_texts[-1]
         piece = self.text_decoder.feed(token)
@@ -276,17 +365,10 @@ class SequenceState:
         text, stopped = self.stops.feed(piece)
         if stopped:
             return token, self._finish("stop", text, flush=False), piece
+        if complete:
+            return token, self._finish("stop", text), r.token_texts[-1]
         if len(r.ids) == opts.n_tokens:
             return token, self._finish("length", text), r.token_texts[-1]
-        if self.cache.length == self.config.n_positions:
-            if not opts.sliding_window:
-                return token, self._finish("context", text), r.token_texts[-1]
-            self.pending = np.asarray(self.context[-self.slide_keep:], np.int64)
-            self.reading = True
-            self._new_cache(len(self.pending))
-        else:
-            self.pending = np.array([token])
-        r.text += text
         return token, text, piece
 
     def _adjusted(self, logits: np.ndarray) -> np.ndarray:

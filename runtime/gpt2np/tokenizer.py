@@ -311,6 +311,10 @@ class Tokenizer:
             bad = next(i for i in ids if i not in self._token_bytes)
             raise GPT2Error(f"token id {bad!r} is not in the vocabulary (0..{self.n_vocab - 1})") from None
 
+    def token_bytes(self) -> dict[int, bytes]:
+        """Every token id's bytes (a special token's: its text in UTF-8), as `decode_bytes` gives them."""
+        return dict(self._token_bytes)
+
     def decode(self, ids: Iterable[int]) -> str:
         """Decode token ids to text. Bytes that are not valid UTF-8 become U+FFFD, as in GPT-2."""
         return self.decode_bytes(list(ids)).decode("utf-8", errors="replace")

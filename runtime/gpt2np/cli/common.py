@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 
 import click
 
+from ..constraint import Constraint
 from ..errors import GPT2Error
 from ..options import Options
 
@@ -53,6 +54,8 @@ def generation_options(command=None, *, exclude: tuple[str, ...] = ()):
     if command is None:
         return functools.partial(generation_options, exclude=exclude)
     specs = [(f, f.metadata["cli"]) for f in fields(Options) if f.metadata.get("cli") and f.name not in exclude]
+    constrain = any(cli.get("constraint") for _, cli in specs)
+    specs = [(f, cli) for f, cli in specs if not cli.get("constraint")]
 
     def check(name):
         def callback(ctx, param, value):
@@ -76,8 +79,15 @@ def generation_options(command=None, *, exclude: tuple[str, ...] = ()):
                 value = not value
             if value is not None and value != () and value != f.default:
                 options[f.name] = value
+        if constrain:
+            constraint = constraint_from_flags({flag: kwargs.pop(name) for flag, name, _ in CONSTRAINT_FLAGS})
+            if constraint is not None:
+                options["constraint"] = constraint
         return command(*args, options=options, **kwargs)
 
+    if constrain:
+        for flag, name, kwargs in reversed(CONSTRAINT_FLAGS):
+            wrapper = click.option(flag, name, **kwargs)(wrapper)
     for f, cli in reversed(specs):
         flag = cli.get("flag", "--" + f.name.replace("_", "-"))
         kwargs = {k: cli[k] for k in ("type", "metavar", "multiple", "is_flag", "show_default") if k in cli}
@@ -85,6 +95,36 @@ def generation_options(command=None, *, exclude: tuple[str, ...] = ()):
         wrapper = click.option(*flag.split("/"), f.name, default=default, callback=check(f.name),
                                help=cli.get("help", f.metadata["help"]), **kwargs)(wrapper)
     return wrapper
+
+
+CONSTRAINT_FLAGS = [  # the field `constraint` on command lines: one flag per kind
+    ("--json-schema", "json_schema", {"metavar": "SCHEMA", "help": "Constrain the output to JSON valid under SCHEMA: "
+                                      "a file, or the schema itself (JSON text starting with '{')."}),
+    ("--json-object", "json_object", {"is_flag": True, "default": None, "help": "Constrain the output to a JSON object."}),
+    ("--regex", "regex", {"metavar": "RE", "help": "Constrain the output to text that RE matches as a whole."}),
+    ("--choice", "choice", {"metavar": "TEXT", "multiple": True,
+                            "help": "Constrain the output to one of the choices; repeat for each."}),
+    ("--grammar", "grammar", {"metavar": "FILE", "help": "Constrain the output to the grammar in FILE (Lark or "
+                              "llama.cpp's GBNF)."}),
+]
+
+
+def constraint_from_flags(given: dict) -> Constraint | None:
+    """The constraint the command line's flags ask for (None if none): at most one of them."""
+    given = {flag: v for flag, v in given.items() if v not in (None, (), False)}
+    if len(given) > 1:
+        raise click.UsageError(f"give one constraint, not {' and '.join(given)}")
+    if not given:
+        return None
+    (flag, value), = given.items()
+    if flag == "--json-schema":
+        text = value if value.lstrip().startswith("{") else read_text(value, "the JSON schema")
+        return Constraint.json_schema(text)
+    if flag == "--grammar":
+        return Constraint.grammar(read_text(value, "the grammar"))
+    if flag == "--json-object":
+        return Constraint.json_object()
+    return Constraint.regex(value) if flag == "--regex" else Constraint.choice(value)
 
 
 def stride_option(help: str):
