@@ -30,6 +30,7 @@ import numpy as np
 
 from .config import GPT2Config
 from .constraint import fill_masks
+from .errors import GPT2Error
 from .kv import KVPool
 from .model import Params, lm_head, transformer
 from .options import Options
@@ -384,6 +385,6 @@ def _guarded(s: SequenceState, events: list[Event], what: str, f, *args) -> tupl
     try:
         return True, f(*args)
     except Exception as e:  # noqa: BLE001 -- one sequence's failure is its own
-        s.fail(f"{what} failed: {type(e).__name__}: {e}")
+        s.fail(f"{what} failed: {e}" if isinstance(e, GPT2Error) else f"{what} failed: {type(e).__name__}: {e}")
         events.append(s.event())
         return False, None

@@ -90,7 +90,7 @@ class Completions:
         try:
             return req.to_options(prompt_len, sample, ctx)
         except GPT2Error as e:
-            raise invalid(e) from None
+            raise self.invalid(req, e) from None
 
     def check(self, req: CompletionRequest) -> None:
         self.check_model(req.model)
@@ -99,9 +99,21 @@ class Completions:
                            code="unsupported_best_of")
         if req.suffix:
             raise APIError(400, "suffix is not supported: GPT-2 has no fill-in-the-middle", param="suffix")
+        if len(req.constraint_fields) > 1:
+            raise APIError(400, f"give at most one constraint, not {' and '.join(req.constraint_fields)}",
+                           param=req.constraint_fields[1], code="multiple_constraints")
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options",
                            code="stream_options_without_stream")
+
+    @staticmethod
+    def invalid(req: CompletionRequest, e: GPT2Error) -> APIError:
+        """`invalid`, naming the request's own field for its constraint."""
+        fields = req.constraint_fields
+        error = invalid(e, fields[0] if e.field == "constraint" and fields else None)
+        if e.field == "constraint":
+            error.code = "invalid_constraint"
+        return error
 
     def sequences(self, req: CompletionRequest) -> tuple[list[list[int]], list[SequenceState]]:
         """The request's sequences, checked (APIError if it cannot run). CPU work: tokenizing up
@@ -117,12 +129,14 @@ class Completions:
         for i, ids in enumerate(prompts):
             for j in range(req.n):
                 opts = self.options(req, len(ids), j)
-                try:
+                try:  # with a constraint, compiled here (a worker thread, not the engine's loop)
                     seq = self.worker.engine.sequence(ids, opts, salt=req.cache_salt)
                 except GPT2Error as e:
-                    raise invalid(e) from None
+                    raise self.invalid(req, e) from None
                 seq.tag = i * req.n + j
                 seqs.append(seq)
+        if req.constraint_fields:
+            self.worker.metrics.constrained_requests.inc()
         return prompts, seqs
 
     def submit(self, seqs: list[SequenceState]) -> asyncio.Queue:
@@ -155,7 +169,7 @@ class Completions:
         finally:
             for s in seqs:
                 s.cancel()  # no-op for finished ones; frees the rest if we leave early
-        self.raise_failure(seqs)
+        self.raise_failure(req, seqs)
         rid, created = P.completion_id(), P.now()
         choices = []
         pieces = self.prompt_pieces(req, prompts)
@@ -184,17 +198,24 @@ class Completions:
                        sum(s.result.cached_tokens for s in seqs[::n]))
 
     @staticmethod
-    def raise_failure(seqs: list[SequenceState]) -> None:
+    def raise_failure(req: CompletionRequest, seqs: list[SequenceState]) -> None:
         failed = next((s for s in seqs if s.result.error is not None), None)
+        if failed is not None and failed.guide is not None and failed.guide.error:
+            # A constraint that reached a limit of llguidance's work as it ran: the request's fault.
+            raise APIError(400, f"the generation failed: {failed.result.error}", param=req.constraint_fields[0],
+                           code="invalid_constraint")
         if failed is not None:
             raise APIError(500, f"the generation failed: {failed.result.error}", type="server_error")
         if any(s.result.stop_reason == "cancelled" for s in seqs):
             raise CANCELLED
 
     @staticmethod
-    def failure_event(seq: SequenceState, reason: str) -> str | None:
+    def failure_event(req: CompletionRequest, seq: SequenceState, reason: str) -> str | None:
         """The SSE error event for a sequence that ended without a result, if it did."""
-        if reason == "error":
+        if reason == "error" and seq.guide is not None and seq.guide.error:
+            body = P.error_body(f"the generation failed: {seq.result.error}", param=req.constraint_fields[0],
+                                code="invalid_constraint")
+        elif reason == "error":
             body = P.error_body(f"the generation failed: {seq.result.error}", "server_error")
         elif reason == "cancelled":
             body = CANCELLED.body()
@@ -227,7 +248,7 @@ class Completions:
                 out = []
                 for seq, token, text, token_text, reason in events:
                     left -= reason is not None
-                    failure = self.failure_event(seq, reason)
+                    failure = self.failure_event(req, seq, reason)
                     if failure:  # cancelled by the server's shutdown, or failed
                         out.append(failure)
                         continue

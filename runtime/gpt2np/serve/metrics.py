@@ -10,6 +10,10 @@ disable_created_metrics()  # the *_created series only double the output
 # token behind a long prompt or a queue can take seconds.
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
 _TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
+# A constraint's compile takes microseconds from the cache to a second for a large grammar; a mask
+# microseconds to milliseconds.
+_COMPILE_BUCKETS = (0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+_MASK_BUCKETS = (0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05)
 
 
 class Metrics:
@@ -35,3 +39,14 @@ class Metrics:
         self.time_per_output_token = Histogram(
             "gpt2np_time_per_output_token_seconds", "Between consecutive tokens of a sequence.",
             buckets=_TPOT_BUCKETS, registry=r)
+        self.constrained_requests = Counter("gpt2np_constrained_requests", "Requests with a constraint on the "
+                                            "output (response_format, structured_outputs, json_schema, grammar).",
+                                            registry=r)
+        self.constraint_compile = Histogram(
+            "gpt2np_constraint_compile_seconds", "Per constrained sequence: compiling its constraint (off the "
+            "engine's loop; a cached one costs only its matcher).", buckets=_COMPILE_BUCKETS, registry=r)
+        self.constraint_mask = Histogram(
+            "gpt2np_constraint_mask_seconds", "Per constrained sequence: the mean time of one token mask.",
+            buckets=_MASK_BUCKETS, registry=r)
+        self.forced_tokens = Counter("gpt2np_constraint_forced_tokens", "Tokens a constraint forced, appended "
+                                     "without sampling (fast-forward).", registry=r)

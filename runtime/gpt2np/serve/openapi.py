@@ -7,7 +7,7 @@ schemathesis run in the tests holds the two together.
 What no JSON Schema can state, so that a request the schema allows may still get 400, each with
 its own `code` (`CROSS_FIELD`): a prompt's tokens plus `max_tokens` beyond the context, more
 completions than the server takes at once (prompts times `n`), `best_of` other than `n`,
-`stream_options` without `stream`.
+`stream_options` without `stream`, more than one constraint.
 """
 
 from __future__ import annotations
@@ -25,8 +25,13 @@ CROSS_FIELD = {
     "too_many_completions": "the prompts times n exceed the completions the server takes at once",
     "unsupported_best_of": "best_of is not n",
     "stream_options_without_stream": "stream_options without stream: true",
+    "multiple_constraints": "more than one of response_format (json_object, json_schema), structured_outputs, "
+                            "json_schema and grammar",
+    "invalid_constraint": "a JSON schema, pattern or grammar that the constraint library cannot use (its syntax, "
+                          "the keywords it implements, its limits of work)",
 }
-"""The 400s a request the schema allows may still get, by `code`: rules across fields."""
+"""The 400s a request the schema allows may still get, by `code`: rules across fields, and the
+constraint's own language, which no JSON Schema states."""
 
 ERROR = {"$ref": "#/components/schemas/ErrorResponse"}
 ERROR_SCHEMA = {

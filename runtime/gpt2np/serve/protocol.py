@@ -13,6 +13,9 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
+from ..constraint import MAX_TEXT as MAX_CONSTRAINT
+from ..constraint import Constraint
+from ..errors import GPT2Error
 from ..options import Options
 
 MAX_STOP = 4  # OpenAI's limit and vLLM's default; `gpt-serve --max-stop-strings` changes it
@@ -61,14 +64,49 @@ Integer = StrictInt
 Number = float  # strict: an int or a float, never a bool or a string
 TokenIds = Annotated[list[Integer], Field(min_length=1)]
 StopString = Annotated[StrictStr, Field(max_length=MAX_STOP_CHARS)]
+ConstraintText = Annotated[StrictStr, Field(min_length=1, max_length=MAX_CONSTRAINT)]
 
 
 class StreamOptions(_Strict):
     include_usage: StrictBool = False
 
 
+class JsonSchemaFormat(_Strict):
+    """OpenAI's `response_format.json_schema`: the schema and its name (`strict` is accepted;
+    the schema is always enforced)."""
+
+    name: Optional[StrictStr] = None
+    description: Optional[StrictStr] = None
+    schema_: Optional[dict[str, Any]] = Field(None, alias="schema")
+    strict: Optional[StrictBool] = None
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's `response_format`: `text` (no constraint), `json_object` or `json_schema`."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs`: exactly one of `json` (a schema), `regex`, `choice`, `grammar`
+    (Lark or GBNF) or `json_object`."""
+
+    json_: Optional[Union[dict[str, Any], ConstraintText]] = Field(None, alias="json")
+    regex: Optional[ConstraintText] = None
+    choice: Optional[Annotated[list[Annotated[StrictStr, Field(min_length=1)]], Field(min_length=1)]] = None
+    grammar: Optional[ConstraintText] = None
+    json_object: Optional[StrictBool] = None
+
+
+CONSTRAINT_FIELDS = ("response_format", "structured_outputs", "json_schema", "grammar")
+"""The request fields that carry a constraint: OpenAI's, vLLM's and llama.cpp's spellings."""
+
+
 class CompletionRequest(_Strict):
-    """POST /v1/completions. `top_k` and `ignore_eos` are vLLM's extensions."""
+    """POST /v1/completions. `top_k` and `ignore_eos` are vLLM's extensions; so is
+    `structured_outputs`; `json_schema` and `grammar` (GBNF) are llama.cpp's server's;
+    `fast_forward` is gpt2np's."""
 
     model: StrictStr
     prompt: Union[StrictStr, Annotated[list[StrictStr], Field(min_length=1)], TokenIds,
@@ -96,6 +134,12 @@ class CompletionRequest(_Strict):
     suffix: Optional[StrictStr] = None
     ignore_eos: StrictBool = False
     cache_salt: Optional[StrictStr] = None  # vLLM's: requests with different salts never share cached prefixes
+    # Constraints on the output (at most one of these): OpenAI's, vLLM's and llama.cpp's spellings.
+    response_format: Optional[ResponseFormat] = None
+    structured_outputs: Optional[StructuredOutputs] = None
+    json_schema: Optional[dict[str, Any]] = None
+    grammar: Optional[ConstraintText] = None
+    fast_forward: StrictBool = True  # append the text a constraint forces without sampling it
 
     _integers = field_validator("prompt", "max_tokens", "top_k", "n", "best_of", "logprobs", "seed",
                                 mode="before")(_integer_valued)
@@ -109,6 +153,32 @@ class CompletionRequest(_Strict):
     @property
     def stop_strings(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    @property
+    def constraint_fields(self) -> list[str]:
+        """The fields of this request that ask for a constraint (`response_format` of type text does not)."""
+        given = [f for f in CONSTRAINT_FIELDS if getattr(self, f) is not None]
+        return [f for f in given if f != "response_format" or self.response_format.type != "text"]
+
+    def constraint(self) -> Constraint | None:
+        """The request's constraint (with at most one of `constraint_fields`), or None. `GPT2Error`
+        (field "constraint") if its value is not one."""
+        fields = self.constraint_fields
+        if not fields:
+            return None
+        f = fields[0]
+        if f == "response_format":
+            rf = self.response_format
+            if rf.type == "json_object":
+                return Constraint.json_object()
+            if rf.json_schema is None or rf.json_schema.schema_ is None:
+                raise GPT2Error("response_format of type json_schema needs json_schema.schema", "constraint")
+            return Constraint.json_schema(rf.json_schema.schema_)
+        if f == "structured_outputs":
+            so = self.structured_outputs
+            return Constraint.parse({"json": so.json_, "regex": so.regex, "choice": so.choice,
+                                     "grammar": so.grammar, "json_object": so.json_object or None})
+        return Constraint.json_schema(self.json_schema) if f == "json_schema" else Constraint.grammar(self.grammar)
 
     def to_options(self, prompt_len: int, sample: int, context: int) -> Options:
         """The core's options for sample `sample` (of `n`) of a prompt of `prompt_len` tokens:
@@ -124,7 +194,8 @@ class CompletionRequest(_Strict):
             stop=self.stop_strings, stop_at_eos=not self.ignore_eos,
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             logit_bias=self.logit_bias or {}, logprobs=self.logprobs or 0,
-            prompt_logprobs=self.logprobs if self.echo and self.logprobs is not None else None)
+            prompt_logprobs=self.logprobs if self.echo and self.logprobs is not None else None,
+            constraint=self.constraint(), fast_forward=self.fast_forward)
 
 
 class _Lenient(BaseModel):

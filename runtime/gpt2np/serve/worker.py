@@ -139,10 +139,15 @@ class EngineWorker:
                 else:
                     self.metrics.time_per_output_token.observe(now - last)
                 self._last_token_at[key] = now
-            if seq.done:
+            if event.reason is not None:  # its last event (a step may bring a sequence several)
                 done += 1
                 self._last_token_at.pop(key, None)
                 self.metrics.finished.labels(seq.result.stop_reason).inc()
+                if seq.guide is not None:
+                    self.metrics.constraint_compile.observe(seq.guide.compile_s)
+                    if seq.guide.masks:
+                        self.metrics.constraint_mask.observe(seq.guide.mask_s / seq.guide.masks)
+                    self.metrics.forced_tokens.inc(seq.result.forced)
                 listener = self._listeners.pop(key, None)
             else:
                 listener = self._listeners.get(key)

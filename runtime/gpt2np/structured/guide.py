@@ -54,7 +54,7 @@ class Guide:
     def consume(self, tokens: list[int]) -> None:
         """Advance over tokens the sequence took (each allowed by the mask it was chosen from)."""
         if not self.matcher.consume_tokens(list(tokens)):
-            raise GPT2Error(f"the constraint refused the tokens {list(tokens)}: {self.error}", "constraint")
+            raise GPT2Error(f"the constraint failed: {self.error}", "constraint")
         self.allowed = None
 
     def fill(self) -> None:
