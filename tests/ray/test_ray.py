@@ -161,6 +161,41 @@ def test_gpt_batch_end_to_end(cluster, model, small_model_dir, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
 
 
+EXTRACT = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
+                                            "year": {"type": "integer", "minimum": 1900, "maximum": 2030}},
+           "required": ["name", "year"], "additionalProperties": False}
+
+
+def test_rows_carry_their_own_constraints(cluster, model, small_model_dir, tmp_path):
+    import jsonschema
+
+    rows = [{"id": i, "prompt": f"Record {i}:", "constraint": c} for i, c in enumerate(
+        [json.dumps({"json": EXTRACT}), None, json.dumps({"choice": ["red", "green"]}), json.dumps({"regex": "("})])]
+    out = {r["id"]: r for r in stage(ray.data.from_items(rows), Generate, model_dir=str(small_model_dir),
+                                     n_tokens=40).take_all()}
+    assert out[0]["text"] == model.complete("Record 0:", 40, constraint={"json": EXTRACT}).text
+    jsonschema.validate(json.loads(out[0]["text"]), EXTRACT)
+    assert out[1]["text"] == model.complete("Record 1:", 40).text
+    assert out[2]["text"] in ("red", "green") and out[2]["finish_reason"] == "stop"
+    assert "regular expression" in out[3]["error"] and out[3]["text"] is None
+    # gpt-batch: JSON extraction over a corpus with a job's schema, and a row's own constraint in its place.
+    corpus = tmp_path / "corpus.jsonl"
+    lines = [{"id": f"doc{i}", "prompt": f"Document {i}. Extract:"} for i in range(6)]
+    lines.append({"id": "own", "prompt": "Answer:", "constraint": {"choice": ["yes", "no"]}})
+    corpus.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    r = run_cli("gpt-batch", str(small_model_dir), str(corpus), str(tmp_path / "out"), "--address", cluster.address,
+                "--workers", "2", "--batch-size", "3", "-n", "40", "--json-schema", json.dumps(EXTRACT))
+    assert r.returncode == 0, r.stderr.decode()
+    got = {x["id"]: x for x in read_output(tmp_path / "out")}
+    for x in lines[:-1]:
+        jsonschema.validate(json.loads(got[x["id"]]["text"]), EXTRACT)
+        assert got[x["id"]]["text"] == model.complete(x["prompt"], 40, constraint={"json": EXTRACT}).text
+    assert got["own"]["text"] in ("yes", "no") and got["own"]["constraint"] == {"choice": ["yes", "no"]}
+    bad = run_cli("gpt-batch", str(small_model_dir), str(corpus), str(tmp_path / "out2"), "--address",
+                  cluster.address, "--regex", "(a")
+    assert bad.returncode == 1 and b"regular expression" in bad.stderr and len(bad.stderr.splitlines()) == 1
+
+
 def test_progress_bar_on_a_terminal(cluster, small_model_dir, tmp_path):
     import pty
 

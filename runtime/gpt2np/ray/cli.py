@@ -58,6 +58,8 @@ def batch(model_dir, input_path, output_dir, task, address, workers, threads_per
         raise click.UsageError("generation options do not apply to --task score")
     if task == "generate" and stride is not None:
         raise click.UsageError("--stride applies to --task score only")
+    if options.get("constraint") is not None:
+        check_constraint(model_dir, options["constraint"])
     chunks, total = job.plan(files)
     out = job.output_folder(output_dir, force, keep=(input_path, model_dir))
     counts = {"rows": 0, "tokens": 0, "errors": 0}
@@ -86,6 +88,19 @@ def batch(model_dir, input_path, output_dir, task, address, workers, threads_per
             raise GPT2Error(f"{total - counts['rows']} of {total} rows did not come back from Ray; nothing was written")
     print(f"gpt-batch: {counts['rows']} rows ({counts['errors']} errors, {counts['tokens']} tokens) in "
           f"{time.monotonic() - started:.1f} s -> {output_dir}", file=sys.stderr)
+
+
+def check_constraint(model_dir, constraint) -> None:
+    """Compile the job's constraint here, before Ray starts, where the model folder is readable
+    (else the workers check it): a bad one is one line at once, not every row's error."""
+    from ..api import load_tokenizer
+    from ..constraint import backend
+
+    try:
+        tokenizer = load_tokenizer(model_dir)
+    except GPT2Error:
+        return
+    backend().compile_constraint(constraint, tokenizer)
 
 
 def run_job(model_dir, chunks, out, task, address, workers, threads, batch_size, stride, options, progress) -> None:
@@ -127,8 +142,8 @@ def run_job(model_dir, chunks, out, task, address, workers, threads, batch_size,
         else:
             stage, kwargs = Score, {**common, "stride": stride, "prefix_cache_mb": options["prefix_cache_mb"]}
         ds = ray.data.from_items([vars(c) for c in chunks])
-        ds = ds.flat_map(job.parse_chunk, fn_kwargs={"column": column, "reserved": (*job.RESULTS[task], "error")},
-                         num_cpus=0.25)
+        ds = ds.flat_map(job.parse_chunk, fn_kwargs={"column": column, "reserved": (*job.RESULTS[task], "error"),
+                                                     "carry": job.CARRIED[task]}, num_cpus=0.25)
         ds = ds.map_batches(stage, fn_constructor_kwargs=kwargs, compute=ActorPoolStrategy(size=workers),
                             batch_size=batch_size, num_cpus=threads, batch_format="numpy")
         seen: set[int] = set()

@@ -73,11 +73,15 @@ def plan(files: list[Path], chunk_lines: int = CHUNK_LINES,
     return chunks, rows
 
 
-def parse_chunk(chunk: dict, column: str, reserved: tuple[str, ...] = ()) -> Iterator[dict]:
+CARRIED = {"generate": ("constraint",), "score": ()}
+"""Input fields a stage reads beside the prompt: a row's own `constraint` (as JSON text)."""
+
+
+def parse_chunk(chunk: dict, column: str, reserved: tuple[str, ...] = (), carry: tuple[str, ...] = ()) -> Iterator[dict]:
     """The rows of one chunk: `_line` (its line number across the files), `id` (JSON text),
-    the prompt or text, the whole input object (`_input`, JSON text) and `error` for a line that
-    is not a usable row (the core's JSON-lines rule). Input fields named like the results
-    (`reserved`) are an error."""
+    the prompt or text, the fields in `carry` (JSON text, or None where absent), the whole input
+    object (`_input`, JSON text) and `error` for a line that is not a usable row (the core's
+    JSON-lines rule). Input fields named like the results (`reserved`) are an error."""
     with open(chunk["path"], "rb") as f:
         f.seek(chunk["start"])
         data = f.read(chunk["end"] - chunk["start"])
@@ -86,7 +90,8 @@ def parse_chunk(chunk: dict, column: str, reserved: tuple[str, ...] = ()) -> Ite
         if not raw.strip():
             continue
         where = f"{name}:{number - chunk['first_line'] + chunk['file_line']}"
-        row = {"_line": number, "id": json.dumps(number), column: None, "_input": None, "error": None}
+        row = {"_line": number, "id": json.dumps(number), column: None, "_input": None, "error": None,
+               **dict.fromkeys(carry)}
         try:
             obj = parse_jsonl_line(raw, column)
         except GPT2Error as e:
@@ -95,6 +100,9 @@ def parse_chunk(chunk: dict, column: str, reserved: tuple[str, ...] = ()) -> Ite
             continue
         if obj.get("id") is not None:
             row["id"] = json.dumps(obj["id"], ensure_ascii=False)
+        for name in carry:
+            if obj.get(name) is not None:
+                row[name] = json.dumps(obj[name], ensure_ascii=False)
         taken = [k for k in reserved if k in obj]
         try:
             if taken:

@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..constraint import Constraint
 from ..errors import GPT2Error
 from ..score import check_stride
 from .nodes import check_model_dir
@@ -59,8 +60,11 @@ class Generate:
     `model_dir`: a model folder, the same path on every node. `n_tokens` and `**options`: the
     generation options of `gpt2np.Options` (temperature, top_k, top_p, seed, stop, ...).
     `column`: where the prompts are (default "prompt"). `max_batch`: the most rows decoded
-    together (default: the whole batch). New columns: `text`, `ids`, `finish_reason` (eos, stop,
-    length or context), `logprobs` (of each generated token) and `error`.
+    together (default: the whole batch). A row may carry its own constraint in a `constraint`
+    column (a `gpt2np.Constraint`, its dict such as `{"json": schema}`, or that dict as JSON
+    text), in place of the option `constraint`; a bad one fails its row. New columns: `text`,
+    `ids`, `finish_reason` (eos, stop, length or context), `logprobs` (of each generated token)
+    and `error`.
     """
 
     def __init__(self, model_dir: str, n_tokens: int = 50, *, column: str = "prompt",
@@ -81,8 +85,12 @@ class Generate:
                 keys = [json.loads(k) for k in keys]
             seeds = [row_seed(self.options.seed, k) for k in keys]
         passed = _passed_errors(batch, len(prompts))
+        constraints = None
+        if "constraint" in batch:  # each row's own, where it has one
+            constraints = [json.loads(c) if isinstance(c, str) else c if isinstance(c, (dict, Constraint))
+                           else self.options.constraint for c in _column(batch, "constraint")]
         engine, seqs = self.model.queue([GPT2Error(e) if e else p for p, e in zip(prompts, passed)],
-                                        strict=False, max_batch=self.max_batch, seeds=seeds,
+                                        strict=False, max_batch=self.max_batch, seeds=seeds, constraints=constraints,
                                         prefix_cache=self.prefix_cache, **self.option_kwargs)
         engine.run()
         results = [s.result for s in seqs]
