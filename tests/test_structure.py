@@ -115,3 +115,19 @@ def test_a_sequence_keeps_one_slot_for_the_prefix_cache():
     assigned = {t.attr for n in ast.walk(init) if isinstance(n, (ast.Assign, ast.AnnAssign))
                 for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Attribute)}
     assert "prefix" in assigned and not assigned & {"record", "keys", "cached_blocks", "lender", "salt"}
+
+
+@pytest.mark.parametrize("path", sources(RUNTIME), ids=lambda p: module_name(p))
+def test_the_constraint_library_stays_in_its_room(path):
+    """llguidance is imported only under structured/; the core reaches that room only through
+    `constraint.backend()` (lazily, so a missing extra is its one-line error)."""
+    name = module_name(path)
+    found = imports(path)
+    if not name.startswith("gpt2np.structured"):
+        assert not [t for t in found if t.split(".")[0] == "llguidance"], name
+        if name != "gpt2np.constraint":
+            assert not [t for t in found if t.startswith("gpt2np.structured")], name
+    top_level = {a.name for n in ast.parse(path.read_text(encoding="utf-8")).body
+                 if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+    if name == "gpt2np.constraint":
+        assert "structured" not in top_level

@@ -119,6 +119,14 @@ class Constraint:
             return cls.json_object()
         return getattr(cls, kind)(v)
 
+    def as_dict(self) -> dict:
+        """The dict form (`parse`'s input): `{"json": schema}`, `{"regex": pattern}`, ..."""
+        if self.kind == "json_schema":
+            return {"json": json.loads(self.text)}
+        if self.kind == "json_object":
+            return {"json_object": True}
+        return {"choice": list(self.choices)} if self.kind == "choice" else {self.kind: self.text}
+
     @property
     def key(self) -> tuple:
         """What identifies the compiled constraint (the compile cache's key)."""

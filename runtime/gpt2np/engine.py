@@ -259,7 +259,7 @@ class Engine:
                     s.fail(f"the forward pass failed: {type(e).__name__}: {e}")
                     events.append(s.event())
             return
-        guided = [s for s, _ in ready if s.guide is not None and not s.done]
+        guided = [s for s, _ in ready if s.guide is not None and s.guide.allowed is None and not s.done]
         if guided:  # the batch's constraint masks, together
             try:
                 fill_masks([s.guide for s in guided])

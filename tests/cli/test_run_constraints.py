@@ -76,3 +76,14 @@ def test_bad_constraints_are_one_line_and_nothing_is_printed(small_model_dir, fl
     assert "Traceback" not in err
     p = run_cli("gpt-run", str(small_model_dir), "--prompts-file", "-", *flags, input=b"a\nb\n")
     assert p.returncode == status and words in p.stderr.decode() and not p.stdout
+
+
+def test_gpt_explain_takes_the_same_constraint(tmp_path, small_model_dir, model):
+    out = tmp_path / "e.html"
+    r = run_cli("gpt-explain", str(small_model_dir), "Mood:", "--choice", "happy days", "--choice", "sad",
+                "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    page = out.read_text(encoding="utf-8")
+    expected = model.complete("Mood:", 50, constraint={"choice": ["happy days", "sad"]})
+    assert '"constraint": {"choice": ["happy days", "sad"]}' in page
+    assert f'"text": {json.dumps(expected.text)}, "stop_reason": "stop"' in page

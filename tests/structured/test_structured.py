@@ -274,8 +274,11 @@ def test_fast_forward_appends_forced_text_in_fewer_passes(m):
     assert on.forced >= len(on.ids) - 3 and off.forced == 0
     assert on.ids == m.encode(on.text)  # canonical tokens
     engine, (seq,) = m.queue(["Data:"], 100, constraint={"json": schema})
-    steps = sum(1 for _ in iter(engine.step, []) if not engine.idle) + 1
-    assert steps <= 4, steps
+    steps = 0
+    while not engine.idle:
+        engine.step()
+        steps += 1
+    assert steps <= 4 and seq.result.text == on.text, steps
 
 
 def test_greedy_text_is_the_same_with_and_without_fast_forward_where_the_rest_is_forced(m):
@@ -413,3 +416,25 @@ def test_our_tokens_are_llguidances(m):
     g = Guide(Constraint.regex(r"(?s:.{1,20})"), m.tokenizer, 50257)
     g.fill()
     assert not g.allowed[187] and g.allowed[m.encode("a")[0]]
+
+
+def test_the_engines_steps_compile_nothing(m, monkeypatch):
+    """A constraint is compiled, and its first mask made, where the sequence is made (the server:
+    a request's worker thread), never in the engine's steps: they only fill masks."""
+    import llguidance
+
+    from gpt2np.structured import compiler
+
+    engine = m.engine()
+    made = engine.sequence(m.encode("x"), m.options(40, constraint={"json": SCHEMAS["nested"]}))
+    assert made.guide.allowed is not None and made.guide.compile_s > 0
+    engine.submit(made)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("compiled during a step")
+
+    monkeypatch.setattr(llguidance, "LLMatcher", refuse)
+    monkeypatch.setattr(compiler, "compile_constraint", refuse)
+    engine.run()
+    assert made.result.stop_reason == "stop" and made.result.error is None
+    jsonschema.validate(json.loads(made.result.text), SCHEMAS["nested"])

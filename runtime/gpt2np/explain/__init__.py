@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import reference
 from ..api import GPT2
+from ..constraint import Constraint
 from ..errors import GPT2Error
 from ..reference import Trace
 
@@ -51,7 +52,7 @@ def report(model: GPT2, prompt: str, n_tokens: int, **options) -> dict[str, Any]
         "pieces": [{"text": p.text, "byte_chars": p.byte_chars, "merges": [list(m) for m in p.merges],
                     "tokens": p.tokens, "ids": p.ids} for p in pieces],
         "prompt_ids": prompt_ids,
-        "options": {k: v for k, v in options.items() if v is not None},
+        "options": {k: v.as_dict() if isinstance(v, Constraint) else v for k, v in options.items() if v is not None},
         "generated": [{"id": i, "token": token(i, "?"), "text": text, "p": math.exp(lp),
                        "alternatives": [[a, token(a, "?"), math.exp(alp)] for a, alp in alts.items()]}
                       for i, text, lp, alts in zip(gen.ids, gen.token_texts, gen.logprobs, gen.top_logprobs)],

@@ -31,10 +31,11 @@ class Guide:
         lt = ll_tokenizer(tokenizer)
         self.matcher = llg.LLMatcher(lt, grammar, log_level=0, limits=limits())
         self.mask_width = lt.vocab_size  # llguidance's vocabulary: the bitmask's bits
-        self.compile_s = time.perf_counter() - started
         self.mask_s = 0.0
         self.masks = 0
         self.allowed: np.ndarray | None = None
+        self.fill()  # the first mask (where a lexer warms up) here, on the caller's thread, not the engine's
+        self.compile_s = time.perf_counter() - started
 
     @property
     def error(self) -> str | None:
