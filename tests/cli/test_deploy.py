@@ -15,4 +15,5 @@ def test_runtime_wheel_runs_a_converted_model_without_tensorflow():
     print(result.stdout)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "tensorflow, safetensors and keras are not installed: ok" in result.stdout
+    assert "needs the extra 'structured'" in result.stdout  # a constraint without llguidance
     assert "deploy-check: ok" in result.stdout.splitlines()[-1]
