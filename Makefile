@@ -13,7 +13,7 @@ MODELS ?= models
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[convert,serve,ray,structured,test]'
+	$(BIN)/pip install --quiet -e '.[convert,serve,ray,structured,onednn,test]'
 	touch $@
 
 ## install: the runtime, its extras, the converter (TensorFlow) and the test tools, into .venv
@@ -37,9 +37,17 @@ browser:
 	  $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 ## test: the whole test suite (it includes the TensorFlow-free deployment check and a headless
-##       browser); a screenshot of the gpt-explain page lands in test-artifacts/
+##       browser), then the model, engine and server tests again on NumPy's matmul path; a
+##       screenshot of the gpt-explain page lands in test-artifacts/
 test: install browser
 	$(BIN)/python -m pytest -q
+	GPT2NP_MATMUL=numpy $(BIN)/python -m pytest -q $(NUMPY_PATH_TESTS)
+
+# The model's, the engine's and the server's tests again with NumPy's products (the run above uses
+# oneDNN's where the extra is installed, as `auto` does): both paths pass them.
+NUMPY_PATH_TESTS := tests/core/test_model.py tests/core/test_reference.py tests/core/test_engine.py \
+                    tests/core/test_generation.py tests/core/test_sampling.py tests/core/test_score.py \
+                    tests/core/test_prefix_cache.py tests/core/test_api.py tests/serve/test_serve.py
 
 ## fuzz: the fuzz tests with a large budget (20,000 examples each; CI runs 200)
 fuzz: install
@@ -52,6 +60,7 @@ bench: install
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
 	$(BIN)/python bench/structured_bench.py
+	$(BIN)/python bench/matmul_bench.py
 	$(BIN)/python bench/peers_bench.py
 
 ## bench-peers: install CTranslate2 and transformers (torch CPU), then gpt2np beside them; writes bench/results/PEERS.md

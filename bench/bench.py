@@ -124,17 +124,18 @@ def copy_bandwidth(reps: int) -> float:
 
 def matmul_stack(p: M.Params, rows: int = 1):
     """One decode step's weight products for `rows` sequences and nothing else: every weight
-    matmul and the LM head, in the forms the model takes them (`model.matmul`, `model.lm_head`)."""
+    matmul and the LM head, through the seam the model takes them by (`gpt2np.matmul`: the backend
+    the model was loaded with)."""
     E = p.wte.shape[1]
     x = np.full((rows, E), 0.01, np.float32)
     h = np.full((rows, p.blocks[0].c_fc.w.shape[1]), 0.01, np.float32)
 
     def run():
         for b in p.blocks:
-            M.matmul(x, b.c_attn.w)
-            M.matmul(x, b.attn_proj.w)
-            M.matmul(x, b.c_fc.w)
-            M.matmul(h, b.mlp_proj.w)
+            M.matmul(x, b.c_attn.w, b.c_attn.packed)
+            M.matmul(x, b.attn_proj.w, b.attn_proj.packed)
+            M.matmul(x, b.c_fc.w, b.c_fc.packed)
+            M.matmul(h, b.mlp_proj.w, b.mlp_proj.packed)
         M.lm_head(p, x)
     return run
 

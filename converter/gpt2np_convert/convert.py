@@ -37,5 +37,5 @@ def convert(checkpoint_dir: Path, out: Path, *, source: str, force: bool = False
             "merges.txt": copy_file(checkpoint_dir / "vocab.bpe", tmp / "merges.txt"),
         }
         write_file(tmp / SUMS_FILE, format_sums(digests).encode())
-        gpt2np.load(tmp)  # the runtime must accept what we wrote: header, shapes, tokenizer, config
+        gpt2np.load(tmp, matmul_backend="numpy")  # the runtime must accept what we wrote: header, shapes, tokenizer, config
     progress.note(f"wrote {out}")

@@ -9,7 +9,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from . import reference
+from . import matmul, reference
 from .config import GPT2Config
 from .constraint import backend as constraint_backend
 from .engine import Engine
@@ -24,7 +24,7 @@ from .reference import Trace
 from .score import TextScore, score_all
 from .sequence import Generation, SequenceState
 from .tokenizer import Tokenizer
-from .weights import load_gpt2_weights
+from .weights import load_gpt2_weights, release_pages
 
 SCORE_BATCH = 8  # scoring windows read together: each holds a cache of up to the whole context
 
@@ -51,8 +51,11 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return Tokenizer.from_files(path / "vocab.json", path / "merges.txt")
 
 
-def load(path: str | Path) -> "GPT2":
-    """Load a model folder. The weights are memory-mapped, not read: this takes milliseconds."""
+def load(path: str | Path, matmul_backend: str | None = None) -> "GPT2":
+    """Load a model folder. The weights are memory-mapped, not read: this takes milliseconds; with
+    the oneDNN backend (`gpt2np.matmul`), they are read once into its layout (`model.matmul` says
+    which backend runs and what packing cost). `matmul_backend`: "numpy", "onednn" or "auto" in
+    place of the environment's `GPT2NP_MATMUL`."""
     path = Path(path)
     _check_folder(path)
     config = GPT2Config.from_file(path / "config.json")
@@ -61,7 +64,11 @@ def load(path: str | Path) -> "GPT2":
         raise GPT2Error(f"{path}: vocab.json has {tokenizer.n_vocab} tokens but config.json says "
                         f"vocab_size {config.vocab_size}")
     weights, metadata = load_gpt2_weights(path / "model.safetensors", config)
-    return GPT2(config, Params.from_weights(weights, config), tokenizer, metadata)
+    params, choice = matmul.prepare(Params.from_weights(weights, config), release=release_pages,
+                                    backend=matmul_backend)
+    model = GPT2(config, params, tokenizer, metadata)
+    model.matmul = choice
+    return model
 
 
 class TextStream:
@@ -97,6 +104,7 @@ class GPT2:
         self.params = params
         self.tokenizer = tokenizer
         self.metadata = metadata or {}
+        self.matmul = matmul.Choice()  # which backend runs the weight products (`load` sets it)
 
     def encode(self, text: str, *, allowed_special: bool | Iterable[str] = False, limit: int | None = None) -> list[int]:
         """Token ids of `text` (see `Tokenizer.encode`; `<|endoftext|>` is plain text by default;

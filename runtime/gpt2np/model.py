@@ -22,6 +22,7 @@ import numpy as np
 from . import parallel
 from .config import GPT2Config
 from .kv import KVArena, KVCache
+from .matmul import head_matmul, matmul
 from .params import Block, LayerNorm, Linear, Params
 
 
@@ -98,33 +99,8 @@ def _layer_norm(x: np.ndarray, p: LayerNorm, eps: float, xc: np.ndarray) -> np.n
     return xc
 
 
-def matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [N, in] @ [in, out] -> new [N, out]
-    """x @ w for activations x [N, in], in the form OpenBLAS runs fastest for N rows.
-
-    sgemm packs the whole weight matrix on every call, which for a few rows costs more than the
-    product itself (on a SkylakeX-kernel machine, the 48 matrices of 124M took 13.7 ms at 1 row and
-    41.7 at 2, with the forms below timed side by side in one run). So: one row is a gemv; 2-3 rows
-    are a gemv each (22 and 28 ms); up to `_SMALL` rows, the product is taken as (wᵀ·xᵀ)ᵀ, where
-    sgemm packs the few rows instead (31 ms at 2 rows, 35 at 8, 49 at 32), then copied into
-    row-major order (the later passes go row by row); beyond, x @ w.
-    """
-    n = x.shape[0]
-    if n == 1 or n > _SMALL:
-        return x @ w
-    if n <= _GEMV_ROWS:
-        out = np.empty((n, w.shape[1]), dtype=np.float32)
-        for i in range(n):
-            np.matmul(x[i], w, out=out[i])
-        return out
-    return np.ascontiguousarray((w.T @ x.T).T)
-
-
-_GEMV_ROWS = 3
-_SMALL = 128
-
-
 def linear(x: np.ndarray, p: Linear) -> np.ndarray:  # [N, in] -> new [N, out]: x @ w + b
-    y = matmul(x, p.w)
+    y = matmul(x, p.w, p.packed)
     y += p.b
     return y
 
@@ -326,7 +302,7 @@ def mha(x: np.ndarray, p: Block, n_head: int, segments: list[Segment], layer: in
     this loop stays lean."""
     N, E = x.shape
     D = E // n_head
-    qkv = matmul(x, p.c_attn.w).reshape(N, 3, n_head, D)  # one fused matmul for Q, K and V
+    qkv = matmul(x, p.c_attn.w, p.c_attn.packed).reshape(N, 3, n_head, D)  # one fused matmul for Q, K and V
     b, scale = p.c_attn.b.reshape(3, n_head, D), np.float32(1.0 / np.sqrt(D))
 
     def bias_and_scale(rows: slice) -> None:  # the queries of every segment scaled in one pass
@@ -364,7 +340,7 @@ def mha(x: np.ndarray, p: Block, n_head: int, segments: list[Segment], layer: in
 
 
 def mlp(x: np.ndarray, p: Block) -> np.ndarray:  # [N, E] -> [N, F] -> new [N, E]
-    return linear(gelu(matmul(x, p.c_fc.w), p.c_fc.b), p.mlp_proj)  # gelu adds c_fc's bias
+    return linear(gelu(matmul(x, p.c_fc.w, p.c_fc.packed), p.c_fc.b), p.mlp_proj)  # gelu adds c_fc's bias
 
 
 def transformer_block(x: np.ndarray, p: Block, config: GPT2Config, segments: list[Segment], layer: int,
@@ -414,11 +390,8 @@ def lm_head(params: Params, h: np.ndarray) -> np.ndarray:  # [N, E] -> [N, V]
     """Logits from final hidden states: the LM head is the token embedding matrix (tied).
 
     Row-major, as every later pass over them (log-normalizers, argmax, top alternatives) goes row
-    by row. One row, or a few: `matmul`'s gemvs. From 4 rows, x @ wᵀ: for this product, 50,257
-    columns wide, sgemm packing the weights costs less than `matmul`'s (wᵀ·xᵀ)ᵀ and its copy
-    of the logits (124M, SkylakeX kernel, side by side: 24 against 30 ms at 16 rows, 30 against
-    38 at 32, 38 against 65 at 64)."""
-    return matmul(h, params.wte.T) if len(h) <= _GEMV_ROWS else h @ params.wte.T
+    by row (the seam's `head_matmul`)."""
+    return head_matmul(h, params.wte, params.lm_head)
 
 
 def forward(params: Params, config: GPT2Config, ids: np.ndarray, cache: KVCache,

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -14,6 +14,7 @@ from .config import GPT2Config
 class Linear(NamedTuple):
     w: np.ndarray  # [in, out]
     b: np.ndarray  # [out]
+    packed: Any = None  # w in a matmul backend's own layout (`gpt2np.matmul.prepare`), or None (replace it with w)
 
 
 class LayerNorm(NamedTuple):
@@ -35,6 +36,7 @@ class Params(NamedTuple):
     wpe: np.ndarray  # position embeddings [n_positions, E]
     blocks: tuple[Block, ...]
     ln_f: LayerNorm
+    lm_head: Any = None  # wteᵀ in a matmul backend's own layout, or None (replace it with wte)
 
     @classmethod
     def from_weights(cls, w: dict[str, np.ndarray], config: GPT2Config) -> "Params":

@@ -192,3 +192,21 @@ def _as_float32(array: np.ndarray, dtype: str, name: str, path) -> np.ndarray:
     if dtype == "BF16":  # bfloat16 is the top half of a float32
         return (array.astype(np.uint32) << 16).view(np.float32)
     raise GPT2Error(f"{path}: tensor {name!r} has dtype {dtype}; GPT-2 weights must be F32, F16 or BF16")
+
+
+_PAGE = mmap.PAGESIZE
+_byte_bounds = getattr(getattr(np.lib, "array_utils", None), "byte_bounds", None) or getattr(np, "byte_bounds")
+_MADV_DONTNEED = 4
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Let go of the resident pages of a memory-mapped array's whole pages (madvise DONTNEED): the
+    mapping stays valid, and a later read faults them in again from the page cache. Used once a
+    weight has a packed copy, so that its plain pages are not a second resident copy."""
+    import ctypes
+
+    start, end = _byte_bounds(array)
+    first, last = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE
+    if last > first:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)

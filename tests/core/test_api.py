@@ -24,7 +24,7 @@ def test_generation_stops_at_end_of_text(small_model_dir):
     b = np.ones(model.config.n_embd, np.float32)
     wte = np.array(model.params.wte)
     wte[eos] = 100 * b
-    params = model.params._replace(wte=wte, ln_f=gpt2np.model.LayerNorm(0 * b, b))
+    params = model.params._replace(wte=wte, ln_f=gpt2np.model.LayerNorm(0 * b, b), lm_head=None)
     forced = gpt2np.GPT2(model.config, params, model.tokenizer)
     assert list(forced.generate_ids("x", 5)) == [eos]
     assert list(forced.generate("x", 5)) == []

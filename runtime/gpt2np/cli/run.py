@@ -129,6 +129,7 @@ def gpt_run(model_dir, prompt, options, prompts_file, batch_size, score_source, 
               "(--sliding-window goes on)", file=sys.stderr)
     if stats:
         print(f"gpt-run: {_stats(g)}", file=sys.stderr)
+        print(f"gpt-run: {model.matmul.describe()}", file=sys.stderr)
 
 
 def _run_prompts_file(model, prompts: list[str], batch_size: int, options: dict, prefix_cache_mb: float | None,
@@ -136,6 +137,8 @@ def _run_prompts_file(model, prompts: list[str], batch_size: int, options: dict,
     """Decode every prompt with up to `batch_size` in the pass at once (a new one joins as soon as
     one finishes); print the results in input order as soon as each and those before it are done."""
     engine, seqs = model.queue(prompts, strict=False, max_batch=batch_size, prefix_cache=prefix_cache_mb, **options)
+    if stats:
+        print(f"gpt-run: {model.matmul.describe()}", file=sys.stderr)
     printed = 0
     for _ in engine.events():
         while printed < len(seqs) and seqs[printed].done:

@@ -88,6 +88,8 @@ def serve(model_dir, host, port, model_name, api_key, max_batch, max_queue, max_
     model = load(model_dir)
     name = model_name or Path(model_dir).resolve().name
     metrics = Metrics()
+    metrics.packed_weight_bytes.set(model.matmul.packed_bytes)
+    print(f"gpt-serve: {model.matmul.describe()}", file=sys.stderr, flush=True)
     if prefix_cache_mb is None:
         prefix_cache_mb = DEFAULT_CACHE_POSITIONS * PrefixCache.bytes_per_position(model.config) / 2**20
     engine = model.engine(max_batch=max_batch, prefill_chunk=prefill_chunk, prefix_cache=prefix_cache_mb,

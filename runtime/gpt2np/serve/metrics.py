@@ -39,6 +39,8 @@ class Metrics:
         self.time_per_output_token = Histogram(
             "gpt2np_time_per_output_token_seconds", "Between consecutive tokens of a sequence.",
             buckets=_TPOT_BUCKETS, registry=r)
+        self.packed_weight_bytes = Gauge("gpt2np_packed_weight_bytes", "Bytes of the weights' copy in the matmul "
+                                         "backend's layout (0 with NumPy, which reads the mapped file).", registry=r)
         self.constrained_requests = Counter("gpt2np_constrained_requests", "Requests with a constraint on the "
                                             "output (response_format, structured_outputs, json_schema, grammar).",
                                             registry=r)

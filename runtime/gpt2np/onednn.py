@@ -1,0 +1,196 @@
+"""oneDNN's matmul primitive through its stable C API (ctypes): the optional backend of the matmul seam.
+
+The library comes from the extra `gpt2np[onednn]` (PyPI's `onednn-cpu-gomp`, oneDNN 3.2, CPU only,
+OpenMP from the system's libgomp), or from `GPT2NP_DNNL_LIB`, a path to any `libdnnl.so` of the
+3.x API. Nothing here runs unless the seam asks for it (`gpt2np.matmul.prepare`).
+
+A weight [K, N] is reordered once into the blocked layout oneDNN picks for it (the same for every
+row count: checked, and a row count that would want another falls back to NumPy), and the
+primitives are made per product shape and row count, shared by every weight of that shape (a
+model's 12 or 48 layers use four shapes). Activations and outputs are NumPy arrays handed to
+oneDNN by pointer: no copies. Float32 throughout.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+
+ENV_LIB = "GPT2NP_DNNL_LIB"
+F32, FORMAT_ANY, CPU, IN_ORDER = 3, 1, 1, 1  # dnnl_f32, dnnl_format_tag_any, dnnl_cpu, dnnl_stream_in_order
+ARG_SRC, ARG_WEIGHTS, ARG_DST = 1, 33, 17
+QUERY_EXEC_ARG_MD = 255
+
+_P = ctypes.c_void_p
+_Dims = ctypes.c_int64 * 12
+
+
+class _Arg(ctypes.Structure):
+    _fields_ = [("arg", ctypes.c_int), ("memory", _P)]
+
+
+class OneDNNError(RuntimeError):
+    pass
+
+
+class LibraryMissing(OneDNNError):
+    """No libdnnl to load: the extra is not installed."""
+
+
+def library_path() -> str:
+    """Where libdnnl is: `GPT2NP_DNNL_LIB`, else the extra's wheel (the environment's lib/), else
+    the system's."""
+    given = os.environ.get(ENV_LIB)
+    if given:
+        return given
+    for prefix in {sys.prefix, sys.base_prefix}:
+        for name in ("libdnnl.so.3", "libdnnl.so"):
+            if (Path(prefix) / "lib" / name).exists():
+                return str(Path(prefix) / "lib" / name)
+    found = ctypes.util.find_library("dnnl")
+    if found is None:
+        raise LibraryMissing("libdnnl not found (pip install 'gpt2np[onednn]', or set GPT2NP_DNNL_LIB)")
+    return found
+
+
+class OneDNN:
+    """One CPU engine and stream of a loaded libdnnl."""
+
+    def __init__(self, path: str | None = None):
+        try:
+            self.lib = lib = ctypes.CDLL(path or library_path())
+        except OSError as e:
+            raise OneDNNError(f"cannot load libdnnl: {e}") from None
+        lib.dnnl_primitive_desc_query_md.restype = _P
+        lib.dnnl_memory_desc_get_size.restype = ctypes.c_size_t
+        lib.dnnl_memory_desc_equal.restype = ctypes.c_int
+        self.engine, self.stream = _P(), _P()
+        self.check(lib.dnnl_engine_create(ctypes.byref(self.engine), CPU, 0), "creating the CPU engine")
+        self.check(lib.dnnl_stream_create(ctypes.byref(self.stream), self.engine, IN_ORDER), "creating a stream")
+        self.lock = threading.Lock()  # one stream: one product at a time
+        self.shapes: dict[tuple, _Shape] = {}
+        version = lib.dnnl_version
+        version.restype = ctypes.POINTER(ctypes.c_int * 3)
+        major, minor, patch = version().contents
+        self.version = f"{major}.{minor}.{patch}"
+
+    @staticmethod
+    def check(status: int, what: str) -> None:
+        if status != 0:
+            raise OneDNNError(f"oneDNN failed {what} (status {status})")
+
+    def desc(self, shape: tuple[int, ...], strides: tuple[int, ...] | None) -> _P:
+        """A memory descriptor: plain with these strides (in elements), or `any` layout (None)."""
+        md = _P()
+        if strides is None:
+            self.check(self.lib.dnnl_memory_desc_create_with_tag(ctypes.byref(md), len(shape), _Dims(*shape), F32,
+                                                                   FORMAT_ANY), "describing a weight")
+        else:
+            self.check(self.lib.dnnl_memory_desc_create_with_strides(ctypes.byref(md), len(shape), _Dims(*shape), F32,
+                                                                       _Dims(*strides)), "describing an array")
+        return md
+
+    def memory(self, md, data: int | None = None) -> _P:
+        mem = _P()
+        self.check(self.lib.dnnl_memory_create(ctypes.byref(mem), md, self.engine, _P(data or 0)),
+                   "creating a memory object")
+        return mem
+
+    def execute(self, primitive: _P, args: list[tuple[int, _P]]) -> None:
+        arr = (_Arg * len(args))(*[_Arg(a, m) for a, m in args])
+        self.check(self.lib.dnnl_primitive_execute(primitive, self.stream, len(args), arr), "running a primitive")
+        self.check(self.lib.dnnl_stream_wait(self.stream), "waiting for its stream")
+
+    def shape(self, K: int, N: int) -> "_Shape":
+        key = (K, N)
+        if key not in self.shapes:
+            self.shapes[key] = _Shape(self, K, N)
+        return self.shapes[key]
+
+    def pack(self, w: np.ndarray) -> "PackedWeight":
+        """w [K, N] (any strides: a transposed view too) reordered into oneDNN's layout, once."""
+        return PackedWeight(self, w)
+
+
+class _Shape:
+    """What every weight of one shape [K, N] shares: its blocked layout, and a primitive per row count."""
+
+    def __init__(self, dnn: OneDNN, K: int, N: int):
+        self.dnn, self.K, self.N = dnn, K, N
+        self.primitives: dict[int, tuple | None] = {}
+        pd = self._descriptor(1, dnn.desc((K, N), None))
+        self.layout = _P(dnn.lib.dnnl_primitive_desc_query_md(pd, QUERY_EXEC_ARG_MD, ARG_WEIGHTS))
+        self.bytes = dnn.lib.dnnl_memory_desc_get_size(self.layout)
+        self._pd_keep = pd  # the layout descriptor lives in it
+
+    def _descriptor(self, M: int, weights_md) -> _P:
+        dnn, pd = self.dnn, _P()
+        status = dnn.lib.dnnl_matmul_primitive_desc_create(ctypes.byref(pd), dnn.engine,
+                                                           dnn.desc((M, self.K), (self.K, 1)), weights_md, None,
+                                                           dnn.desc((M, self.N), (self.N, 1)), None)
+        dnn.check(status, f"describing a {M}x{self.K}x{self.N} product")
+        return pd
+
+    def primitive(self, M: int):
+        """(primitive, src memory, dst memory) for M rows over the packed layout, made once; None if
+        oneDNN would want another weight layout for M rows (the seam then uses NumPy)."""
+        if M not in self.primitives:
+            dnn = self.dnn
+            pd = self._descriptor(M, dnn.desc((self.K, self.N), None))
+            wants = _P(dnn.lib.dnnl_primitive_desc_query_md(pd, QUERY_EXEC_ARG_MD, ARG_WEIGHTS))
+            if not dnn.lib.dnnl_memory_desc_equal(wants, self.layout):
+                self.primitives[M] = None
+            else:
+                prim = _P()
+                dnn.check(dnn.lib.dnnl_primitive_create(ctypes.byref(prim), pd), "creating a matmul primitive")
+                src = dnn.memory(dnn.desc((M, self.K), (self.K, 1)))
+                dst = dnn.memory(dnn.desc((M, self.N), (self.N, 1)))
+                self.primitives[M] = (prim, src, dst)
+        return self.primitives[M]
+
+
+class PackedWeight:
+    """A weight in oneDNN's blocked layout (its own buffer: `nbytes`); call it on activations
+    x [M, K] (float32, C-contiguous) for x @ w [M, N], or None where NumPy must do it."""
+
+    def __init__(self, dnn: OneDNN, w: np.ndarray):
+        if w.dtype != np.float32 or w.ndim != 2:
+            raise OneDNNError("only float32 matrices are packed")
+        K, N = w.shape
+        self.dnn, self.shape = dnn, dnn.shape(K, N)
+        self.buffer = np.empty(self.shape.bytes // 4 + 16, np.float32)  # + 64 bytes: room to align
+        offset = (-self.buffer.ctypes.data % 64) // 4
+        self.buffer = self.buffer[offset:offset + self.shape.bytes // 4]
+        self.nbytes = self.buffer.nbytes
+        plain = dnn.desc((K, N), (w.strides[0] // 4, w.strides[1] // 4))
+        reorder, pd = _P(), _P()
+        dnn.check(dnn.lib.dnnl_reorder_primitive_desc_create(ctypes.byref(pd), plain, dnn.engine, self.shape.layout,
+                                                             dnn.engine, None), "describing the packing")
+        dnn.check(dnn.lib.dnnl_primitive_create(ctypes.byref(reorder), pd), "creating the packing")
+        with dnn.lock:
+            dnn.execute(reorder, [(ARG_SRC, dnn.memory(plain, w.ctypes.data)),
+                                  (ARG_DST, dnn.memory(self.shape.layout, self.buffer.ctypes.data))])
+        self.memory = dnn.memory(self.shape.layout, self.buffer.ctypes.data)
+
+    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray | None:
+        M = x.shape[0]
+        prim = self.shape.primitive(M)
+        if prim is None:
+            return None
+        if not x.flags.c_contiguous or x.dtype != np.float32:
+            x = np.ascontiguousarray(x, dtype=np.float32)
+        if out is None:
+            out = np.empty((M, self.shape.N), np.float32)
+        primitive, src, dst = prim
+        lib = self.dnn.lib
+        with self.dnn.lock:  # the memory objects are shared by the weights of this shape
+            lib.dnnl_memory_set_data_handle(src, _P(x.ctypes.data))
+            lib.dnnl_memory_set_data_handle(dst, _P(out.ctypes.data))
+            self.dnn.execute(primitive, [(ARG_SRC, src), (ARG_WEIGHTS, self.memory), (ARG_DST, dst)])
+        return out
