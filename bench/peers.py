@@ -26,6 +26,13 @@ from gpt2np.weights import SafetensorsFile
 
 def available() -> list[str]:
     names = ["gpt2np"]
+    from gpt2np.matmul import requested
+    from gpt2np.onednn import library_path
+    try:
+        if requested() != "numpy" and library_path():
+            names.append("gpt2np-numpy")  # the backend on (the default with the extra) and off, side by side
+    except Exception:  # noqa: BLE001 -- no oneDNN: one gpt2np runner, NumPy's
+        pass
     if importlib.util.find_spec("ctranslate2"):
         names += ["ctranslate2-float32", "ctranslate2-int8"]
     if importlib.util.find_spec("torch") and importlib.util.find_spec("transformers"):
@@ -66,10 +73,10 @@ def windows(ids: list[int], size: int = 1024, stride: int = 512):
 
 
 class GPT2NP(Runner):
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, backend: str | None = None):
         import gpt2np
-        self.name = f"gpt2np {gpt2np.__version__}"
-        self.model = gpt2np.load(folder)
+        self.model = gpt2np.load(folder, matmul_backend=backend)
+        self.name = f"gpt2np {gpt2np.__version__} ({'oneDNN' if self.model.matmul.backend == 'onednn' else 'NumPy'})"
 
     def generate(self, prompts, n, sample=False):
         kw = dict(temperature=0.8, top_p=0.95, seed=1) if sample else {}
@@ -205,6 +212,8 @@ class Transformers(Runner):
 def load(name: str, folder: Path, cache: Path, threads: int) -> Runner:
     if name == "gpt2np":
         return GPT2NP(folder)
+    if name == "gpt2np-numpy":
+        return GPT2NP(folder, "numpy")
     if name.startswith("ctranslate2"):
         vocab = [t for t, _ in sorted(json.loads((folder / "vocab.json").read_text()).items(), key=lambda kv: kv[1])]
         return CTranslate2(ctranslate2_folder(folder, cache), vocab, name.split("-")[1], threads)
