@@ -21,7 +21,7 @@ from .options import MAX_TOP_LOGPROBS as TOP
 from .options import Options
 from .prefix_cache import PrefixSlot, PromptRecord, Stats
 from .prompts import check_ids
-from .sampling import choose, log_normalizer, log_normalizers, logprob, token_logprob, top_ids, top_logprobs
+from .sampling import choose, log_normalizers, logprob, token_logprob, top_ids, top_logprobs
 from .stops import StopStrings
 from .tokenizer import Tokenizer
 
@@ -260,12 +260,12 @@ class SequenceState:
         taken, the token, the text it releases (held back while it may begin a stop string) and
         its own decoded text.
 
-        `logits` [1 + len(forced), V] (or [V] for one): the rows of the pending positions after
-        the first, which give the log-probabilities of the forced tokens among them (see
-        `forced`), then the row of the last, from which the next token is chosen (or, where the
-        constraint forces it, taken). `norm`: their `log_normalizers`, if the caller made them (for
-        a batch, in one pass). A sequence that only scores its prompt (no new tokens) finishes
-        here instead (its `logits` may be None)."""
+        `logits` [1 + len(forced), V]: the rows of the pending positions after the first, which
+        give the log-probabilities of the forced tokens among them (see `forced`), then the row of
+        the last, from which the next token is chosen (or, where the constraint forces it, taken).
+        `norm`: their `log_normalizers`, if the caller made them (for a batch, in one pass). A
+        sequence that only scores its prompt (no new tokens) finishes here instead (its `logits`
+        may be None)."""
         r, opts = self.result, self.options
         now = time.perf_counter()
         if not r.ids:
@@ -274,19 +274,16 @@ class SequenceState:
         self.scoring = self.reading = self.fresh = False
         if opts.n_tokens == 0:
             return [(None, self._finish("length", "", flush=False), "")]
-        rows = logits if logits.ndim == 2 else logits[None]
         if norm is None:
-            norm = log_normalizers(rows)
-        elif np.ndim(norm[0]) == 0:
-            norm = tuple(np.reshape(v, 1) for v in norm)
+            norm = log_normalizers(logits)
         taken, queued, self.forced = [], self.forced, []
         for i, token in enumerate(queued):  # appended last step: their rows give their log-probabilities
-            taken.append(self._take(token, rows[i], (norm[0][i], norm[1][i]),
+            taken.append(self._take(token, logits[i], (norm[0][i], norm[1][i]),
                                     complete=i == len(queued) - 1 and self.guide.finished))
             if self.done:
                 return taken
             r.text += taken[-1][1]
-        row, row_norm = rows[-1], (norm[0][-1], norm[1][-1])
+        row, row_norm = logits[-1], (norm[0][-1], norm[1][-1])
         guide = self.guide
         if guide is None:
             token = choose(self._adjusted(row) if opts.adjusts_logits else row, opts.sampling, self.rng)
