@@ -288,8 +288,7 @@ class SequenceState:
         if guide is None:
             token = choose(self._adjusted(row) if opts.adjusts_logits else row, opts.sampling, self.rng)
             return taken + [self._take_and_schedule(token, row, row_norm, [])]
-        if guide.error:
-            raise GPT2Error(f"the constraint failed: {guide.error}", "constraint")
+        guide.check()
         forced = self._fast_forward(0)
         if forced:  # the constraint forces the next token: take it, and run the rest in one pass
             return taken + [self._take_and_schedule(forced[0], row, row_norm, forced[1:])]
@@ -318,8 +317,7 @@ class SequenceState:
         z = self._adjusted(row) if self.options.adjusts_logits else row
         if self.guide.allowed is None:  # not filled by the engine for the batch
             self.guide.fill()
-            if self.guide.error:
-                raise GPT2Error(f"the constraint failed: {self.guide.error}", "constraint")
+            self.guide.check()
         return np.where(self.guide.allowed[:len(z)], z, np.float32(-np.inf))
 
     def _take_and_schedule(self, token: int, row: np.ndarray, norm: tuple, then: list[int]) -> tuple[int, str, str]:

@@ -54,9 +54,14 @@ class Guide:
 
     def consume(self, tokens: list[int]) -> None:
         """Advance over tokens the sequence took (each allowed by the mask it was chosen from)."""
-        if not self.matcher.consume_tokens(list(tokens)):
-            raise GPT2Error(f"the constraint failed: {self.error}", "constraint")
+        self.matcher.consume_tokens(list(tokens))
+        self.check()
         self.allowed = None
+
+    def check(self) -> None:
+        """Raise `GPT2Error` (field "constraint") if the matcher has failed (a limit of its work)."""
+        if self.error:
+            raise GPT2Error(f"the constraint failed: {self.error}", "constraint")
 
     def fill(self) -> None:
         """Set `allowed` (`fill_masks` of this guide alone)."""
