@@ -463,3 +463,30 @@ def test_a_copy_whose_sha256sums_differs_from_the_first_nodes_is_refused(small_m
     check_model_dir(copy, expect_sums=sums_digest(copy))  # self-consistent and the same: fine
     with pytest.raises(GPT2Error, match="on node .*SHA256SUMS differs from the copy on the first node"):
         check_model_dir(copy, expect_sums=sums_digest(small_model_dir))  # the other copy has none
+
+
+def test_an_actors_products_use_as_many_threads_as_its_cpus(cluster, small_model_dir):
+    """OpenBLAS's threads and oneDNN's OpenMP threads both follow an actor's `num_cpus` (Ray sets
+    OMP_NUM_THREADS, which both read), so actors side by side on a node do not oversubscribe it."""
+
+    @ray.remote
+    class Threads:
+        def report(self, model_dir: str) -> dict:
+            import ctypes
+
+            import gpt2np
+            from gpt2np import parallel
+
+            model = gpt2np.load(model_dir)
+            model.complete("Threads", 2)  # the products have run: both libraries are loaded
+            blas = parallel._openblas()
+            out = {"openblas": blas[0]() if blas else None, "backend": model.matmul.backend, "omp": None}
+            if model.matmul.backend == "onednn":
+                out["omp"] = ctypes.CDLL("libgomp.so.1").omp_get_max_threads()
+            return out
+
+    for cpus in (1, 2):
+        got = ray.get(Threads.options(num_cpus=cpus).remote().report.remote(str(small_model_dir)))
+        assert got["openblas"] == cpus, got
+        if got["backend"] == "onednn":
+            assert got["omp"] == cpus, got
