@@ -5,7 +5,8 @@ a moment after each product, which would slow OpenBLAS in the same process and f
 the processes alternating round by round, medians:
 
 - the 48 block products of one step and the LM head, at 1 to 64 rows;
-- engine steps of 1 to 64 decoding sequences (step / the same step with NumPy);
+- engine steps of 1 to 64 decoding sequences (step / the same step with NumPy), and where a
+  step's time goes: products, attention, layer norm and GELU, the rest;
 - load time (the packing) and resident memory after a generation.
 
     python bench/matmul_bench.py [--rounds 3] [--out bench/results]
@@ -67,6 +68,7 @@ def measure(folder: str) -> dict:
             engine.step()
             times.append(time.perf_counter() - t)
         out["step_ms"][rows] = 1e3 * statistics.median(times)
+        out.setdefault("parts_ms", {})[rows] = step_parts(engine, 12)
     status = open("/proc/self/status").read()  # before the plain-layout column reads the mapped pages again
     out["rss_mb"] = int(status.split("VmRSS:")[1].split()[0]) / 1024
     if model.matmul.backend == "onednn":  # oneDNN over the plain, mapped weights: no copy, but slower?
@@ -76,6 +78,43 @@ def measure(folder: str) -> dict:
             xs = {k: rng.standard_normal((rows, k), dtype=np.float32) for k in (768, 3072)}
             out["plain_products_ms"][rows] = median_ms(lambda: [f(xs[f.K]) for f in plain])
     return out
+
+
+PARTS = {"products": ("matmul", "head_matmul"), "attention": ("decode_attention", "attention"),
+         "layer norm and GELU": ("layer_norm", "gelu")}
+"""Where an engine step's time goes: the model's functions that do each part (`gpt2np.model`)."""
+
+
+def step_parts(engine, steps: int) -> dict[str, float]:
+    """ms per step in each of PARTS, and the rest (embeddings, biases, residuals, choosing tokens,
+    the engine's bookkeeping): the same engine stepped again with those functions timed."""
+    from gpt2np import model as M
+
+    spent = dict.fromkeys(PARTS, 0.0)
+    saved = {}
+    for part, names in PARTS.items():
+        for name in names:
+            f = saved[name] = getattr(M, name)
+
+            def timed(*a, _f=f, _part=part, **k):
+                t = time.perf_counter()
+                try:
+                    return _f(*a, **k)
+                finally:
+                    spent[_part] += time.perf_counter() - t
+            setattr(M, name, timed)
+    try:
+        t = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        total = time.perf_counter() - t
+    finally:
+        for name, f in saved.items():
+            setattr(M, name, f)
+    parts = {part: 1e3 * v / steps for part, v in spent.items()}
+    parts["rest"] = 1e3 * (total - sum(spent.values())) / steps
+    parts["step"] = 1e3 * total / steps
+    return parts
 
 
 def plain_weight(w):
@@ -131,6 +170,9 @@ def markdown(env: dict, rows: dict) -> str:
 
     table = "\n".join(f"| {r} | {line('products_ms', r)} | {d['plain_products_ms'][str(r)]:.2f} | "
                       f"{line('head_ms', r)} | {line('step_ms', r)} |" for r in ROWS)
+    parts = "\n".join(
+        f"| {r} | {q['step']:.2f} | {q['products']:.2f} | {q['attention']:.2f} | {q['layer norm and GELU']:.2f} | "
+        f"{q['rest']:.2f} | {q['products'] / q['step']:.2f} |" for r in ROWS for q in [d["parts_ms"][str(r)]])
     return f"""# The matmul seam: NumPy against oneDNN
 
 Written by `bench/matmul_bench.py` (`make bench`) on {env['date']}: {env['cpu']}, {env['cores']} cores,
@@ -146,6 +188,17 @@ Load: {n['load_s']:.2f} s with NumPy (the weights mapped, not read), {d['load_s'
 and packed). Resident memory after the steps: {n['rss_mb']:.0f} MB with NumPy, {d['rss_mb']:.0f} MB with oneDNN (the
 packed copy; the mapped pages it replaces let go). "Plain layout": oneDNN's product over the weights as they
 lie in the mapped file, which needs no copy; the runtime packs them instead.
+
+## Where a step's time goes (oneDNN)
+
+The same engines stepped 12 more times with the model's functions timed: the weight products
+(LM head included), attention (reading every sequence's keys and values), layer norm and GELU,
+and the rest (embeddings, biases, residuals, choosing each token, the engine's bookkeeping).
+A step that did nothing but its products would reach the products' share.
+
+| sequences | step ms | products ms | attention ms | layer norm and GELU ms | the rest ms | products / step |
+| ---: | ---: | ---: | ---: | ---: | ---: | ---: |
+{parts}
 """
 
 
@@ -180,6 +233,8 @@ def main() -> None:
         for key in ("products_ms", "head_ms", "step_ms", "plain_products_ms"):
             if key in runs[0]:
                 merged[backend][key] = {str(k): statistics.median(r[key][str(k)] for r in runs) for k in ROWS}
+        merged[backend]["parts_ms"] = {str(k): {part: statistics.median(r["parts_ms"][str(k)][part] for r in runs)
+                                                for part in runs[0]["parts_ms"][str(k)]} for k in ROWS}
     blas = bench.blas_info()
     env = {"date": time.strftime("%Y-%m-%d"), "cpu": bench.cpu_name(), "cores": os.cpu_count(), "numpy": np.__version__,
            "blas": f"{blas['library']} ({blas['kernel']} kernel, {blas['threads']} threads)", "rounds": args.rounds}
