@@ -29,7 +29,7 @@ serve: install
 	@test -f $(MODELS)/$(MODEL)/model.safetensors || $(BIN)/gpt-convert $(MODEL) $(MODELS)/$(MODEL)
 	$(BIN)/gpt-serve $(MODELS)/$(MODEL) $(SERVE_ARGS)
 
-## browser: Debian's chromium for the gpt-explain page tests, installed with apt-get if missing
+## browser: Debian's chromium for the page tests (gpt-explain, the playground), installed with apt-get if missing
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 browser:
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
@@ -38,7 +38,7 @@ browser:
 
 ## test: the whole test suite (it includes the TensorFlow-free deployment check and a headless
 ##       browser), then the model, engine and server tests again on NumPy's matmul path; a
-##       screenshot of the gpt-explain page lands in test-artifacts/
+##       screenshots of the gpt-explain page and of the playground land in test-artifacts/
 test: install browser
 	$(BIN)/python -m pytest -q
 	GPT2NP_MATMUL=numpy $(BIN)/python -m pytest -q $(NUMPY_PATH_TESTS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import click
@@ -59,8 +60,10 @@ def _stats(g) -> str:
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object (ids, text, log-probabilities, stop reason, timings) instead of text.")
 @click.option("--stats", is_flag=True, help="Print token counts, speed and times to stderr.")
+@click.option("--ids", "as_ids", is_flag=True,
+              help="PROMPT is token ids (separated by commas or spaces), as the API takes them.")
 def gpt_run(model_dir, prompt, options, prompts_file, batch_size, score_source, stride, prefix_cache_mb, verify, as_json,
-        stats):
+        stats, as_ids):
     """Continue PROMPT with the GPT-2 model in MODEL_DIR, streaming the new text to stdout.
 
     MODEL_DIR is a folder made by `gpt-convert` (or a Hugging Face GPT-2 folder saved as
@@ -83,6 +86,8 @@ def gpt_run(model_dir, prompt, options, prompts_file, batch_size, score_source, 
 
     Errors go to stderr as one line, with exit status 1 (2 for bad usage).
     """
+    if as_ids and prompt is None:
+        raise click.UsageError("--ids reads PROMPT as token ids: give PROMPT")
     modes = [m for m, given in (("PROMPT", prompt is not None), ("--prompts-file", prompts_file),
                                 ("--score", score_source), ("--verify", verify)) if given]
     if len(modes) != 1:
@@ -115,6 +120,8 @@ def gpt_run(model_dir, prompt, options, prompts_file, batch_size, score_source, 
                           out, stats)
         return
     text = read_text("-", "the prompt on stdin") if prompt == "-" else prompt
+    if as_ids:
+        text = _ids(text)
     stream = model.generate(text, **options)
     for piece in stream:
         if not as_json:
@@ -130,6 +137,14 @@ def gpt_run(model_dir, prompt, options, prompts_file, batch_size, score_source, 
     if stats:
         print(f"gpt-run: {_stats(g)}", file=sys.stderr)
         print(f"gpt-run: {model.matmul.describe()}", file=sys.stderr)
+
+
+def _ids(text: str) -> list[int]:
+    """`--ids`: PROMPT's token ids, separated by commas or spaces (the model checks their range)."""
+    parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
+    if not parts or not all(p.isascii() and p.isdigit() for p in parts):
+        raise click.UsageError("--ids: PROMPT must be token ids separated by commas or spaces, e.g. 464,2068")
+    return [int(p) for p in parts]
 
 
 def _run_prompts_file(model, prompts: list[str], batch_size: int, options: dict, prefix_cache_mb: float | None,

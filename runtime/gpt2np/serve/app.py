@@ -42,6 +42,8 @@ class ServerState:
     started: int = field(default_factory=P.now)
     draining: bool = False
     in_flight: int = 0  # completion requests not yet answered in full
+    model_dir: str = ""  # as given on the command line (the playground's gpt-run command names it)
+    ui: bool = True  # the playground at / (`--no-ui`: none)
 
 
 def error_response(e: APIError, close: bool = False) -> JSONResponse:
@@ -91,7 +93,7 @@ class Guard:
             return APIError(503, "the server is shutting down and takes no new requests", type="server_error",
                             code="shutting_down")
         key = self.state.api_key
-        if key and (path.startswith("/v1/") or path in _TOKENIZER_PATHS):
+        if key and (path.startswith(("/v1/", "/ui/api/")) or path in _TOKENIZER_PATHS):
             auth = headers.get(b"authorization", b"")  # bytes as sent: a UTF-8 key matches
             given = auth[7:] if auth[:7].lower() == b"bearer " else b""
             if not hmac.compare_digest(given, key.encode("utf-8")):
@@ -253,6 +255,10 @@ def create_app(state: ServerState) -> FastAPI:
     @get("/metrics", methods=["GET", "HEAD"])
     async def metrics():
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    if state.ui:
+        from .playground import add_routes
+        add_routes(app, state, completions)
 
     schema = openapi(app, model_name=state.model_name, vocab_size=state.model.config.vocab_size,
                      n_positions=state.model.config.n_positions, max_stop=state.max_stop,

@@ -55,16 +55,18 @@ DEFAULT_CACHE_POSITIONS = 4096  # the prefix cache holds this many positions by 
               help="The most open connections; one more gets 503 and is closed at once.")
 @click.option("--grace-period", default=30.0, show_default=True, type=click.FloatRange(min=0),
               help="On SIGTERM or Ctrl-C: seconds to let running requests finish before cancelling them.")
+@click.option("--no-ui", is_flag=True, help="Leave out the playground page at / (the API alone).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]), help="How much to log on stderr.")
 def serve(model_dir, host, port, model_name, api_key, max_batch, max_queue, max_batched_tokens, prefill_stall,
           prefill_chunk, prefix_cache_mb, max_stop_strings, header_timeout, body_timeout, max_connections,
-          grace_period, log_level):
+          grace_period, no_ui, log_level):
     """Serve the GPT-2 model in MODEL_DIR over HTTP with OpenAI's completions API.
 
     \b
     Endpoints: POST /v1/completions (streaming too), GET /v1/models, GET /health,
-    POST /tokenize and /detokenize, GET /tokenizer_info (vLLM's), GET /metrics (Prometheus).
+    POST /tokenize and /detokenize, GET /tokenizer_info (vLLM's), GET /metrics (Prometheus),
+    and the playground page at / (open it in a browser; --no-ui leaves it out).
 
     Requests are decoded together with continuous batching: new ones join between steps,
     finished ones leave at once. On SIGTERM or Ctrl-C the server answers new requests with
@@ -96,7 +98,8 @@ def serve(model_dir, host, port, model_name, api_key, max_batch, max_queue, max_
                           max_batched_tokens=max_batched_tokens, prefill_stall=prefill_stall)
     worker = EngineWorker(engine, max_queue, metrics)
     state = ServerState(model=model, model_name=name, worker=worker, metrics=metrics, api_key=api_key or None,
-                        max_stop=MAX_STOP if max_stop_strings is None else max_stop_strings, body_timeout=body_timeout)
+                        max_stop=MAX_STOP if max_stop_strings is None else max_stop_strings, body_timeout=body_timeout,
+                        model_dir=model_dir, ui=not no_ui)
     sock = _listen(host, port)
     worker.start()
     config = uvicorn.Config(create_app(state), host=host, port=port, log_level=log_level,
@@ -164,6 +167,9 @@ class DrainingServer:
                     host = f"[{host}]" if ":" in host else host
                     print(f"gpt-serve: serving {state.model_name} on http://{host}:{port} "
                           "(Ctrl-C or SIGTERM to stop)", file=sys.stderr, flush=True)
+                    if state.ui:
+                        print(f"gpt-serve: the playground: open http://{host}:{port}/ in a browser",
+                              file=sys.stderr, flush=True)
 
         return _Server(config)
 

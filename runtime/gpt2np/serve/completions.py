@@ -273,12 +273,22 @@ class Completions:
             on_close()
 
 
+def token_name(tokenizer, token: int) -> str:
+    """A token as `logprobs` name it: its text, or `bytes:\\xNN...` when it is not UTF-8 by itself."""
+    raw = tokenizer.decode_bytes([token])
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
 class LogprobsBuilder:
     """OpenAI's `logprobs` object for one choice: `tokens` (each token's text; `bytes:\\xNN...`
     when a token is not valid UTF-8 by itself), `token_logprobs`, `top_logprobs` (the `logprobs`
     most likely tokens and the chosen one) and `text_offset` (each token's first character in the
     prompt followed by the completion). Each token's text comes decoded: the prompt's from
-    `prompt_pieces`, the completion's from the engine (`Generation.token_texts`)."""
+    `prompt_pieces`, the completion's from the engine (`Generation.token_texts`). With vLLM's
+    `return_tokens_as_token_ids`, each token (and each key of `top_logprobs`) is `token_id:N`."""
 
     def __init__(self, tokenizer, seq: SequenceState, req: CompletionRequest, prompt_pieces: list[str]):
         self.tokenizer, self.seq, self.req = tokenizer, seq, req
@@ -289,11 +299,7 @@ class LogprobsBuilder:
         self.offset = 0 if req.echo else len(self.prompt_text)
 
     def name(self, token: int) -> str:
-        raw = self.tokenizer.decode_bytes([token])
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        return f"token_id:{token}" if self.req.return_tokens_as_token_ids else token_name(self.tokenizer, token)
 
     def _entries(self, ids, texts, lps, tops) -> dict:
         tokens, offsets, top_out = [], [], []

@@ -104,9 +104,9 @@ CONSTRAINT_FIELDS = ("response_format", "structured_outputs", "json_schema", "gr
 
 
 class CompletionRequest(_Strict):
-    """POST /v1/completions. `top_k` and `ignore_eos` are vLLM's extensions; so is
-    `structured_outputs`; `json_schema` and `grammar` (GBNF) are llama.cpp's server's;
-    `fast_forward` is gpt2np's."""
+    """POST /v1/completions. `top_k` and `ignore_eos` are vLLM's extensions; so are
+    `structured_outputs` and `return_tokens_as_token_ids`; `json_schema` and `grammar` (GBNF) are
+    llama.cpp's server's; `fast_forward` is gpt2np's."""
 
     model: StrictStr
     prompt: Union[StrictStr, Annotated[list[StrictStr], Field(min_length=1)], TokenIds,
@@ -134,6 +134,7 @@ class CompletionRequest(_Strict):
     suffix: Optional[StrictStr] = None
     ignore_eos: StrictBool = False
     cache_salt: Optional[StrictStr] = None  # vLLM's: requests with different salts never share cached prefixes
+    return_tokens_as_token_ids: StrictBool = False  # vLLM's: logprobs name tokens `token_id:N`, not by text
     # Constraints on the output (at most one of these): OpenAI's, vLLM's and llama.cpp's spellings.
     response_format: Optional[ResponseFormat] = None
     structured_outputs: Optional[StructuredOutputs] = None

@@ -11,6 +11,7 @@ sequence leaves at the engine's next step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -73,6 +74,20 @@ class EngineWorker:
             self._lock.notify()
         for s in seqs:
             self.metrics.prompt_tokens.inc(len(s.result.prompt_ids))
+
+    @contextlib.contextmanager
+    def reserve(self):
+        """Hold one place of the capacity while work that is not a sequence runs (the playground's
+        explain report), so that it waits in the same limits as any request. Raises QueueFull."""
+        with self._lock:
+            if self.active + 1 > self.capacity:
+                raise QueueFull()
+            self.active += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.active -= 1
 
     def cancel_all(self) -> None:
         """Cancel every request (from any thread): the engine's thread does it before its next step."""
