@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import gpt2np
-from gpt2np.explain import page, report
+from gpt2np.inside import page, report
 from conftest import ROOT, run_cli
 
 ARTIFACTS = Path(os.environ.get("GPT2NP_TEST_ARTIFACTS", ROOT / "test-artifacts"))

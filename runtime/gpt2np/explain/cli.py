@@ -30,7 +30,7 @@ def explain(model_dir, prompt, options, output):
     most 256 tokens. Errors go to stderr as one line, with exit status 1 (2 for bad usage).
     """
     from ..api import load  # imported here so that --help does not pay for NumPy
-    from . import page, report
+    from ..inside import page, report
 
     text = read_text("-", "the prompt on stdin") if prompt == "-" else prompt
     model = load(model_dir)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
@@ -27,12 +27,11 @@ from starlette.concurrency import run_in_threadpool
 from ..errors import GPT2Error
 from ..options import Options
 from . import protocol as P
-from .protocol import APIError, CompletionRequest
+from .protocol import APIError, CompletionRequest, ExplainRequest
 from .worker import QueueFull
 
 UI = Path(__file__).parent / "ui"
 ASSETS = {"playground.js": "text/javascript", "playground.css": "text/css"}
-MAX_EXPLAIN_CHARS = 20_000  # a text longer than this cannot fit the report's positions anyway
 
 # The sampling options the page offers, as the API names them, and the core's option each maps onto
 # (whose help text the page shows). `n` has no core option: it is the number of sequences.
@@ -44,13 +43,6 @@ HELP = {"n": "How many completions to generate for the prompt.",
         "top_k": "Sample only from the K most likely tokens (0 or -1: all).",
         "top_p": "Sample only from the smallest set of most likely tokens whose probability reaches P (1: all).",
         "temperature": "Sampling temperature: 0 is greedy; the API's default is 1."}
-
-
-class ExplainRequest(P._Strict):
-    """POST /ui/api/explain: gpt-explain's page for `prompt` (its tokens, attention, logit lens)."""
-
-    prompt: P.Annotated[P.StrictStr, P.Field(max_length=MAX_EXPLAIN_CHARS)]
-    model: Optional[P.StrictStr] = None
 
 
 def option_limits(name: str, schema: dict[str, Any]) -> dict[str, Any]:
@@ -90,7 +82,7 @@ def config(model_name: str, model_dir: str, n_positions: int, max_stop: int, cap
 
 
 def _explain_positions(n_positions: int) -> int:
-    from ..explain import MAX_POSITIONS
+    from ..inside import MAX_POSITIONS
     return min(MAX_POSITIONS, n_positions)
 
 
@@ -139,7 +131,7 @@ def add_routes(app: FastAPI, state, completions) -> None:
 
 
 def _explain_page(model, text: str, lock: threading.Lock) -> str:
-    from ..explain import page, report
+    from ..inside import page, report
 
     most = _explain_positions(model.config.n_positions)
     try:

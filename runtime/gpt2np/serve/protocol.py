@@ -199,6 +199,16 @@ class CompletionRequest(_Strict):
             constraint=self.constraint(), fast_forward=self.fast_forward)
 
 
+MAX_EXPLAIN_CHARS = 20_000  # more text than the explain report's positions could ever hold
+
+
+class ExplainRequest(_Strict):
+    """POST /ui/api/explain (the playground's): gpt-explain's page for `prompt`."""
+
+    prompt: Annotated[StrictStr, Field(max_length=MAX_EXPLAIN_CHARS)]
+    model: Optional[StrictStr] = None
+
+
 class _Lenient(BaseModel):
     """vLLM's tokenizer endpoints ignore fields they do not know (newer clients send more)."""
 

@@ -1,5 +1,6 @@
-"""The HTML of `gpt-explain`: one file, every style, script and datum inline, so that it opens
-offline and from anywhere. The report (see `explain.report`) goes in as JSON; the attention maps
+"""The HTML of the inside page (what gpt-explain writes; the playground's Explain opens it): one
+file, every style, script and datum inline, so that it opens offline and from anywhere. The report
+(see `inside.report`) goes in as JSON; the attention maps
 as base64 bytes (probability × 255, lower triangle only), which keeps a 64-token page on 124M
 near 1 MB. The script draws each map on a canvas and builds the tables; it writes
 `data-ready="yes"` on <body> when done, or the error into `data-error`."""
@@ -149,7 +150,7 @@ SCRIPT = r"""
 
 
 def render(report: dict) -> str:
-    """The page for a report from `explain.report`."""
+    """The page for a report from `inside.report`."""
     m = report["model"]
     data = json.dumps(report, ensure_ascii=False).replace("<", "\\u003c")  # nothing can end the <script> early
     opts = ", ".join(f"{k}={json.dumps(list(v) if isinstance(v, tuple) else v, ensure_ascii=False)}"
