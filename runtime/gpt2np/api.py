@@ -51,11 +51,14 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return Tokenizer.from_files(path / "vocab.json", path / "merges.txt")
 
 
-def load(path: str | Path, matmul_backend: str | None = None) -> "GPT2":
+def load(path: str | Path, matmul_backend: str | None = None, weights: str = "float32") -> "GPT2":
     """Load a model folder. The weights are memory-mapped, not read: this takes milliseconds; with
     the oneDNN backend (`gpt2np.matmul`), they are read once into its layout (`model.matmul` says
     which backend runs and what packing cost). `matmul_backend`: "numpy", "onednn" or "auto" in
-    place of the environment's `GPT2NP_MATMUL`."""
+    place of the environment's `GPT2NP_MATMUL`. `weights`: "float32" (the file's, exact), or
+    "bfloat16" or "int8", a copy made once here for faster products (oneDNN's; `GPT2Error` where
+    it cannot run). The folder stays float32; embeddings, layer norms, attention and the KV cache
+    stay float32 at every precision (docs/performance.md gives each precision's measured error)."""
     path = Path(path)
     _check_folder(path)
     config = GPT2Config.from_file(path / "config.json")
@@ -63,9 +66,9 @@ def load(path: str | Path, matmul_backend: str | None = None) -> "GPT2":
     if tokenizer.n_vocab != config.vocab_size:
         raise GPT2Error(f"{path}: vocab.json has {tokenizer.n_vocab} tokens but config.json says "
                         f"vocab_size {config.vocab_size}")
-    weights, metadata = load_gpt2_weights(path / "model.safetensors", config)
-    params, choice = matmul.prepare(Params.from_weights(weights, config), release=release_pages,
-                                    backend=matmul_backend)
+    tensors, metadata = load_gpt2_weights(path / "model.safetensors", config)
+    params, choice = matmul.prepare(Params.from_weights(tensors, config), release=release_pages,
+                                    backend=matmul_backend, weights=weights)
     model = GPT2(config, params, tokenizer, metadata)
     model.matmul = choice
     return model

@@ -22,6 +22,12 @@ import numpy as np
 
 ENV = "GPT2NP_MATMUL"
 CHOICES = ("auto", "numpy", "onednn")
+PRECISIONS = ("float32", "bfloat16", "int8")
+"""How the weights of the products may be held (`gpt2np.load(weights=...)`): as the file has them
+(float32, the default and the reference); rounded to bfloat16 (each product rounds its activations
+to bfloat16 too and accumulates in float32); or int8 with one scale per output column (each
+product quantizes its activations to int8 with one scale per row, accumulates in int32, and
+gives float32). The last two are oneDNN's: NumPy has no product on 16- or 8-bit numbers."""
 
 
 def numpy_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [N, in] @ [in, out] -> new [N, out]
@@ -79,11 +85,12 @@ class Choice:
     detail: str = ""
     packed_bytes: int = 0
     pack_s: float = 0.0
+    weights: str = "float32"  # the weights' precision in the products (PRECISIONS)
 
     def describe(self) -> str:
         if self.backend == "numpy":
             return f"matmul: NumPy{f' ({self.detail})' if self.detail else ''}"
-        return (f"matmul: oneDNN {self.detail}, weights packed in {self.pack_s:.2f} s "
+        return (f"matmul: oneDNN {self.detail}, {self.weights} weights packed in {self.pack_s:.2f} s "
                 f"({self.packed_bytes / 2**20:.0f} MiB, the mapped pages let go)")
 
 
@@ -95,12 +102,20 @@ def requested(given: str | None = None) -> str:
     return value
 
 
-def prepare(params, release=None, backend: str | None = None) -> tuple[object, Choice]:
+def prepare(params, release=None, backend: str | None = None, weights: str = "float32") -> tuple[object, Choice]:
     """The params with each weight packed for the backend `GPT2NP_MATMUL` chooses, and the choice.
     `release(array)`: lets go of a packed weight's mapped pages (`weights.release_pages`). A backend
     that is asked for but cannot load or pack warns in one line and leaves NumPy in place.
-    `backend`: the choice in place of the environment's."""
+    `backend`: the choice in place of the environment's. `weights`: their precision (PRECISIONS);
+    other than float32 it needs oneDNN, and `GPT2Error` says so where it cannot run."""
+    from .errors import GPT2Error
+
+    if weights not in PRECISIONS:
+        raise GPT2Error(f"weights must be one of {', '.join(PRECISIONS)}, got {weights!r}", "weights")
     want = requested(backend)
+    if weights != "float32" and want == "numpy":
+        raise GPT2Error(f"{weights} weights need oneDNN's products, not NumPy's ({ENV}=numpy or "
+                        "matmul_backend='numpy' asks for NumPy)", "weights")
     if want == "numpy":
         return params, Choice(detail="asked for")
     from . import onednn
@@ -112,7 +127,7 @@ def prepare(params, release=None, backend: str | None = None) -> tuple[object, C
 
         def pack(w):
             nonlocal packed_bytes
-            p = dnn.pack(w)
+            p = dnn.pack(w, weights)
             packed_bytes += p.nbytes
             if release is not None:
                 release(w)
@@ -122,10 +137,13 @@ def prepare(params, release=None, backend: str | None = None) -> tuple[object, C
                                      for name in ("c_attn", "attn_proj", "c_fc", "mlp_proj")})
                        for b in params.blocks)
         head = pack(params.wte.T)  # wte's pages go too: the embedding lookup faults in the few rows it reads
-        choice = Choice("onednn", dnn.version, packed_bytes, time.perf_counter() - started)
+        choice = Choice("onednn", dnn.version, packed_bytes, time.perf_counter() - started, weights)
         return params._replace(blocks=blocks, lm_head=head), choice
     except Exception as e:  # noqa: BLE001 -- an optional library: never a crash, always NumPy
         missing = isinstance(e, onednn.LibraryMissing)
+        if weights != "float32":  # never silently more exact (and slower) than asked: say why not
+            raise GPT2Error(f"{weights} weights need oneDNN's products: "
+                            + ("pip install 'gpt2np[onednn]'" if missing else f"oneDNN failed: {e}"), "weights") from None
         if want == "onednn" or not missing:  # auto with no extra installed: NumPy, silently
             print(f"gpt2np: warning: oneDNN cannot run the products ({e}); using NumPy", file=sys.stderr)
         return params, Choice(detail="oneDNN is not installed" if missing else f"oneDNN failed: {e}")

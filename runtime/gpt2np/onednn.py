@@ -22,9 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .matmul import PRECISIONS
+
 ENV_LIB = "GPT2NP_DNNL_LIB"
-F32, FORMAT_ANY, CPU, IN_ORDER = 3, 1, 1, 1  # dnnl_f32, dnnl_format_tag_any, dnnl_cpu, dnnl_stream_in_order
+BF16, F32, S8 = 2, 3, 5  # dnnl_bf16, dnnl_f32, dnnl_s8
+FORMAT_ANY, CPU, IN_ORDER = 1, 1, 1  # dnnl_format_tag_any, dnnl_cpu, dnnl_stream_in_order
 ARG_SRC, ARG_WEIGHTS, ARG_DST = 1, 33, 17
+ARG_ATTR_SCALES = 4096  # DNNL_ARG_ATTR_SCALES, or'ed with the argument the scales are of
 QUERY_EXEC_ARG_MD = 255
 
 _P = ctypes.c_void_p
@@ -85,15 +89,15 @@ class OneDNN:
         if status != 0:
             raise OneDNNError(f"oneDNN failed {what} (status {status})")
 
-    def desc(self, shape: tuple[int, ...], strides: tuple[int, ...] | None) -> _P:
+    def desc(self, shape: tuple[int, ...], strides: tuple[int, ...] | None, dtype: int = F32) -> _P:
         """A memory descriptor: plain with these strides (in elements), or `any` layout (None)."""
         md = _P()
         if strides is None:
-            self.check(self.lib.dnnl_memory_desc_create_with_tag(ctypes.byref(md), len(shape), _Dims(*shape), F32,
+            self.check(self.lib.dnnl_memory_desc_create_with_tag(ctypes.byref(md), len(shape), _Dims(*shape), dtype,
                                                                    FORMAT_ANY), "describing a weight")
         else:
-            self.check(self.lib.dnnl_memory_desc_create_with_strides(ctypes.byref(md), len(shape), _Dims(*shape), F32,
-                                                                       _Dims(*strides)), "describing an array")
+            self.check(self.lib.dnnl_memory_desc_create_with_strides(ctypes.byref(md), len(shape), _Dims(*shape),
+                                                                       dtype, _Dims(*strides)), "describing an array")
         return md
 
     def memory(self, md, data: int | None = None) -> _P:
@@ -107,24 +111,33 @@ class OneDNN:
         self.check(self.lib.dnnl_primitive_execute(primitive, self.stream, len(args), arr), "running a primitive")
         self.check(self.lib.dnnl_stream_wait(self.stream), "waiting for its stream")
 
-    def shape(self, K: int, N: int) -> "_Shape":
-        key = (K, N)
+    def shape(self, K: int, N: int, precision: str = "float32") -> "_Shape":
+        key = (K, N, precision)
         if key not in self.shapes:
-            self.shapes[key] = _Shape(self, K, N)
+            self.shapes[key] = _Shape(self, K, N, precision)
         return self.shapes[key]
 
-    def pack(self, w: np.ndarray) -> "PackedWeight":
-        """w [K, N] (any strides: a transposed view too) reordered into oneDNN's layout, once."""
-        return PackedWeight(self, w)
+    def pack(self, w: np.ndarray, precision: str = "float32") -> "PackedWeight":
+        """w [K, N] (any strides: a transposed view too) reordered into oneDNN's layout, once, stored
+        at `precision` (one of PRECISIONS)."""
+        return PackedWeight(self, w, precision)
 
 
 class _Shape:
-    """What every weight of one shape [K, N] shares: its blocked layout, and a primitive per row count."""
+    """What every weight of one shape [K, N] and precision shares: its blocked layout, and a
+    primitive per row count."""
 
-    def __init__(self, dnn: OneDNN, K: int, N: int):
-        self.dnn, self.K, self.N = dnn, K, N
+    def __init__(self, dnn: OneDNN, K: int, N: int, precision: str):
+        if precision not in PRECISIONS:
+            raise OneDNNError(f"no weight precision {precision!r} (one of {', '.join(PRECISIONS)})")
+        self.dnn, self.K, self.N, self.precision = dnn, K, N, precision
+        self.dtype = {"float32": F32, "bfloat16": BF16, "int8": S8}[precision]  # of weights and activations
+        self.attr = _P()
+        if precision == "int8":  # a float32 scale per output column, given at each run
+            dnn.check(dnn.lib.dnnl_primitive_attr_create(ctypes.byref(self.attr)), "creating attributes")
+            dnn.check(dnn.lib.dnnl_primitive_attr_set_scales_mask(self.attr, ARG_WEIGHTS, 1 << 1), "asking for scales")
         self.primitives: dict[int, tuple | None] = {}
-        pd = self._descriptor(1, dnn.desc((K, N), None))
+        pd = self._descriptor(1, dnn.desc((K, N), None, self.dtype))
         self.layout = _P(dnn.lib.dnnl_primitive_desc_query_md(pd, QUERY_EXEC_ARG_MD, ARG_WEIGHTS))
         self.bytes = dnn.lib.dnnl_memory_desc_get_size(self.layout)
         self._pd_keep = pd  # the layout descriptor lives in it
@@ -132,9 +145,9 @@ class _Shape:
     def _descriptor(self, M: int, weights_md) -> _P:
         dnn, pd = self.dnn, _P()
         status = dnn.lib.dnnl_matmul_primitive_desc_create(ctypes.byref(pd), dnn.engine,
-                                                           dnn.desc((M, self.K), (self.K, 1)), weights_md, None,
-                                                           dnn.desc((M, self.N), (self.N, 1)), None)
-        dnn.check(status, f"describing a {M}x{self.K}x{self.N} product")
+                                                           dnn.desc((M, self.K), (self.K, 1), self.dtype), weights_md,
+                                                           None, dnn.desc((M, self.N), (self.N, 1)), self.attr)
+        dnn.check(status, f"describing a {M}x{self.K}x{self.N} {self.precision} product")
         return pd
 
     def primitive(self, M: int):
@@ -142,33 +155,41 @@ class _Shape:
         oneDNN would want another weight layout for M rows (the seam then uses NumPy)."""
         if M not in self.primitives:
             dnn = self.dnn
-            pd = self._descriptor(M, dnn.desc((self.K, self.N), None))
+            pd = self._descriptor(M, dnn.desc((self.K, self.N), None, self.dtype))
             wants = _P(dnn.lib.dnnl_primitive_desc_query_md(pd, QUERY_EXEC_ARG_MD, ARG_WEIGHTS))
             if not dnn.lib.dnnl_memory_desc_equal(wants, self.layout):
                 self.primitives[M] = None
             else:
                 prim = _P()
                 dnn.check(dnn.lib.dnnl_primitive_create(ctypes.byref(prim), pd), "creating a matmul primitive")
-                src = dnn.memory(dnn.desc((M, self.K), (self.K, 1)))
+                src = dnn.memory(dnn.desc((M, self.K), (self.K, 1), self.dtype))
                 dst = dnn.memory(dnn.desc((M, self.N), (self.N, 1)))
                 self.primitives[M] = (prim, src, dst)
         return self.primitives[M]
 
 
 class PackedWeight:
-    """A weight in oneDNN's blocked layout (its own buffer: `nbytes`); call it on activations
-    x [M, K] (float32, C-contiguous) for x @ w [M, N], or None where NumPy must do it."""
+    """A weight in oneDNN's blocked layout at its precision (its own buffer: `nbytes`); call it on
+    activations x [M, K] (float32) for x @ w [M, N] in float32, or None where NumPy must do it."""
 
-    def __init__(self, dnn: OneDNN, w: np.ndarray):
+    def __init__(self, dnn: OneDNN, w: np.ndarray, precision: str = "float32"):
         if w.dtype != np.float32 or w.ndim != 2:
             raise OneDNNError("only float32 matrices are packed")
         K, N = w.shape
-        self.dnn, self.shape = dnn, dnn.shape(K, N)
-        self.buffer = np.empty(self.shape.bytes // 4 + 16, np.float32)  # + 64 bytes: room to align
-        offset = (-self.buffer.ctypes.data % 64) // 4
-        self.buffer = self.buffer[offset:offset + self.shape.bytes // 4]
+        self.dnn, self.shape = dnn, dnn.shape(K, N, precision)
+        self.precision = precision
+        self.scales = self.scales_memory = None
+        if precision == "bfloat16":
+            w = to_bfloat16(w)
+        elif precision == "int8":
+            w, self.scales = quantize(w, axis=0)  # a scale per output column
+            self.scales_memory = dnn.memory(dnn.desc((N,), (1,)), self.scales.ctypes.data)
+        self.buffer = np.empty(self.shape.bytes + 64, np.uint8)  # + 64 bytes: room to align
+        offset = -self.buffer.ctypes.data % 64
+        self.buffer = self.buffer[offset:offset + self.shape.bytes]
         self.nbytes = self.buffer.nbytes
-        plain = dnn.desc((K, N), (w.strides[0] // 4, w.strides[1] // 4))
+        item = w.itemsize
+        plain = dnn.desc((K, N), (w.strides[0] // item, w.strides[1] // item), self.shape.dtype)
         reorder, pd = _P(), _P()
         dnn.check(dnn.lib.dnnl_reorder_primitive_desc_create(ctypes.byref(pd), plain, dnn.engine, self.shape.layout,
                                                              dnn.engine, None), "describing the packing")
@@ -185,12 +206,47 @@ class PackedWeight:
             return None
         if not x.flags.c_contiguous or x.dtype != np.float32:
             x = np.ascontiguousarray(x, dtype=np.float32)
+        row_scales = None
+        if self.precision == "bfloat16":
+            x = to_bfloat16(x)
+        elif self.precision == "int8":
+            x, row_scales = quantize(x, axis=1)  # a scale per row, from the row itself
         if out is None:
             out = np.empty((M, self.shape.N), np.float32)
         primitive, src, dst = prim
         lib = self.dnn.lib
+        args = [(ARG_SRC, src), (ARG_WEIGHTS, self.memory), (ARG_DST, dst)]
+        if self.scales_memory is not None:
+            args.append((ARG_ATTR_SCALES | ARG_WEIGHTS, self.scales_memory))
         with self.dnn.lock:  # the memory objects are shared by the weights of this shape
             lib.dnnl_memory_set_data_handle(src, _P(x.ctypes.data))
             lib.dnnl_memory_set_data_handle(dst, _P(out.ctypes.data))
-            self.dnn.execute(primitive, [(ARG_SRC, src), (ARG_WEIGHTS, self.memory), (ARG_DST, dst)])
+            self.dnn.execute(primitive, args)
+        if row_scales is not None:
+            out *= row_scales[:, None]
         return out
+
+
+def to_bfloat16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), rounded to nearest, ties to even: NumPy has no bfloat16.
+    A transposed view stays one (the LM head's wteᵀ is converted where it lies)."""
+    if not x.flags.c_contiguous and x.T.flags.c_contiguous:
+        return to_bfloat16(x.T).T
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
+    return (rounded >> np.uint32(16)).astype(np.uint16)
+
+
+def from_bfloat16(b: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16) -> float32, exactly."""
+    return (b.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def quantize(x: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8: (q, scales) with x ≈ q · scale, one scale per slice along `axis` (0: per
+    column, 1: per row), its largest |x| mapped to 127; an all-zero slice gets scale 1."""
+    scales = np.abs(x).max(axis=axis) / np.float32(127)
+    scales[scales == 0] = 1
+    scales = scales.astype(np.float32)
+    q = np.rint(x / (scales[None, :] if axis == 0 else scales[:, None]))
+    return q.astype(np.int8), scales  # in x's own order (a transposed view's too): oneDNN reads the strides

@@ -490,3 +490,21 @@ def test_an_actors_products_use_as_many_threads_as_its_cpus(cluster, small_model
         assert got["openblas"] == cpus, got
         if got["backend"] == "onednn":
             assert got["omp"] == cpus, got
+
+
+def test_stages_take_the_weights_precision(cluster, small_model_dir):
+    import gpt2np
+
+    try:
+        mq = gpt2np.load(small_model_dir, weights="bfloat16")
+    except gpt2np.GPT2Error:
+        pytest.skip("the oneDNN extra is not installed")
+    rows = [{"id": i, "prompt": p} for i, p in enumerate(PROMPTS[:8])]
+    out = stage(ray.data.from_items(rows), Generate, model_dir=str(small_model_dir), n_tokens=6,
+                stop_at_eos=False, weights="bfloat16").take_all()
+    expected = mq.generate_batch(PROMPTS[:8], 6, stop_at_eos=False)
+    assert {r["id"]: list(r["ids"]) for r in out} == {i: g.ids for i, g in enumerate(expected)}
+    scored = stage(ray.data.from_items([{"text": t} for t in PROMPTS[:4]]), Score, model_dir=str(small_model_dir),
+                   weights="bfloat16").take_all()
+    for r in scored:
+        assert abs(r["nll"] - mq.score(r["text"]).nll) < 1e-4

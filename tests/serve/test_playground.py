@@ -54,6 +54,7 @@ def test_config_states_the_servers_own_limits(server):
 
     c = httpx.get(server.url + "/ui/api/config").json()
     assert c["model"] == MODEL and c["n_positions"] == 64 and c["max_logprobs"] == MAX_LOGPROBS
+    assert c["weights"] == "float32"
     o = {x["name"]: x for x in c["options"]}
     assert set(o) == {"max_tokens", "temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty",
                       "seed", "stop", "n", "ignore_eos"}

@@ -137,6 +137,15 @@ def prefix_cache_option(help: str):
     return click.option("--prefix-cache-mb", type=click.FloatRange(min=0), default=0, show_default=True, help=help)
 
 
+def weights_option(f):
+    """--weights: the precision of the weights in the products (`gpt2np.load(weights=...)`), for every
+    command that loads a model."""
+    return click.option("--weights", type=click.Choice(["float32", "bfloat16", "int8"]), default="float32",
+                        show_default=True,
+                        help="The weights' precision in the products: float32 (the file's, exact), or bfloat16 "
+                             "or int8, made once at load for faster products (needs gpt2np[onednn]).")(f)
+
+
 def parse_logit_bias(items) -> dict[int, float]:
     """`["50256=-100", "13=2.5"]` (the command-line form) -> {50256: -100.0, 13: 2.5}."""
     out = {}

@@ -10,7 +10,8 @@ import click
 
 from ..errors import GPT2Error
 from ..prompts import parse_jsonl_line, row_text
-from .common import Out, generation_options, prefix_cache_option, read_text, run_command, stride_option
+from .common import (Out, generation_options, prefix_cache_option, read_text, run_command, stride_option,
+                     weights_option)
 
 
 def read_prompts(source: str) -> list[str]:
@@ -62,8 +63,9 @@ def _stats(g) -> str:
 @click.option("--stats", is_flag=True, help="Print token counts, speed and times to stderr.")
 @click.option("--ids", "as_ids", is_flag=True,
               help="PROMPT is token ids (separated by commas or spaces), as the API takes them.")
+@weights_option
 def gpt_run(model_dir, prompt, options, prompts_file, batch_size, score_source, stride, prefix_cache_mb, verify, as_json,
-        stats, as_ids):
+        stats, as_ids, weights):
     """Continue PROMPT with the GPT-2 model in MODEL_DIR, streaming the new text to stdout.
 
     MODEL_DIR is a folder made by `gpt-convert` (or a Hugging Face GPT-2 folder saved as
@@ -106,7 +108,7 @@ def gpt_run(model_dir, prompt, options, prompts_file, batch_size, score_source, 
         return
     from ..api import load  # imported here so that --help does not pay for NumPy
 
-    model = load(model_dir)
+    model = load(model_dir, weights=weights)
     out = Out()
     if score_source:
         result = model.score(read_text(score_source, "the text to score"), stride=stride, prefix_cache=prefix_cache_mb)

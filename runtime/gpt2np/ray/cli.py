@@ -10,7 +10,7 @@ import warnings
 
 import click
 
-from ..cli.common import generation_options, prefix_cache_option, progress, run_command, stride_option
+from ..cli.common import generation_options, prefix_cache_option, progress, run_command, stride_option, weights_option
 from ..errors import GPT2Error, missing_extra
 from ..outdir import atomic_output_dir
 from . import job
@@ -36,9 +36,10 @@ from . import job
                      "computed part.")
 @click.option("--force", is_flag=True, help="Replace a non-empty OUTPUT_DIR.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@weights_option
 @generation_options
 def batch(model_dir, input_path, output_dir, task, address, workers, threads_per_worker, batch_size, stride,
-          prefix_cache_mb, force, quiet, options):
+          prefix_cache_mb, force, quiet, weights, options):
     """Generate (or score) every row of INPUT with the GPT-2 model in MODEL_DIR, on Ray.
 
     \b
@@ -81,7 +82,7 @@ def batch(model_dir, input_path, output_dir, task, address, workers, threads_per
                     advance(rows)
 
                 run_job(model_dir, chunks, shards, task, address, workers, threads_per_worker, batch_size, stride,
-                    {**options, "prefix_cache_mb": prefix_cache_mb}, add)
+                    {**options, "prefix_cache_mb": prefix_cache_mb, "weights": weights}, add)
         finally:
             shards.close()
         if counts["rows"] != total:  # each row is written once: anything else is a lost row
@@ -136,7 +137,7 @@ def run_job(model_dir, chunks, out, task, address, workers, threads, batch_size,
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
         column = job.COLUMNS[task]
-        common = {"model_dir": str(model_dir), "expect_sums": sums}
+        common = {"model_dir": str(model_dir), "expect_sums": sums, "weights": options.pop("weights", "float32")}
         if task == "generate":
             stage, kwargs = Generate, {**common, "ids_as_json": True, **options}
         else:

@@ -31,10 +31,11 @@ def node_name() -> str:
         return socket.gethostname()
 
 
-def check_model_dir(model_dir: str | Path, verify: bool = True, expect_sums: str | None = None):
-    """Load the model folder here, after checking its files against SHA256SUMS if it has one
-    (and, with `expect_sums`, that SHA256SUMS is the other nodes'); `GPT2Error` naming this node
-    if it is missing or differs."""
+def check_model_dir(model_dir: str | Path, verify: bool = True, expect_sums: str | None = None,
+                    weights: str = "float32"):
+    """Load the model folder here (with its weights at `weights`, as `gpt2np.load`), after checking
+    its files against SHA256SUMS if it has one (and, with `expect_sums`, that SHA256SUMS is the
+    other nodes'); `GPT2Error` naming this node if it is missing or differs."""
     from ..api import load
 
     folder = Path(model_dir)
@@ -45,6 +46,6 @@ def check_model_dir(model_dir: str | Path, verify: bool = True, expect_sums: str
             bad = [f"{name} {status}" for name, status in verify_sums(folder) if status != "ok"]
             if bad:
                 raise GPT2Error(f"{folder}: files differ from its SHA256SUMS: {', '.join(bad)}")
-        return load(folder)
+        return load(folder, weights=weights)
     except GPT2Error as e:
         raise GPT2Error(f"on node {node_name()}: {e}") from None

@@ -64,13 +64,14 @@ class Generate:
     column (a `gpt2np.Constraint`, its dict such as `{"json": schema}`, or that dict as JSON
     text), in place of the option `constraint`; a bad one fails its row. New columns: `text`,
     `ids`, `finish_reason` (eos, stop, length or context), `logprobs` (of each generated token)
-    and `error`.
+    and `error`. `weights`: their precision in the products (`gpt2np.load`'s).
     """
 
     def __init__(self, model_dir: str, n_tokens: int = 50, *, column: str = "prompt",
                  max_batch: int | None = None, verify: bool = True, expect_sums: str | None = None,
-                 ids_as_json: bool = False, prefix_cache_mb: float | None = None, **options):
-        self.model = check_model_dir(model_dir, verify, expect_sums)
+                 ids_as_json: bool = False, prefix_cache_mb: float | None = None, weights: str = "float32",
+                 **options):
+        self.model = check_model_dir(model_dir, verify, expect_sums, weights)
         self.options = self.model.options(n_tokens, **options)  # checked now, not at the first batch
         self.option_kwargs = {"n_tokens": n_tokens, **options}
         self.column, self.max_batch, self.ids_as_json = column, max_batch, ids_as_json
@@ -110,12 +111,12 @@ class Score:
     As `GPT2.score` defines them (the text follows `<|endoftext|>`; texts longer than the
     context use its sliding window with `stride`), by `GPT2.score_batch`: the batch's texts and
     their windows are read together by the engine, a few windows at a time. `column`: where the texts are (default
-    "text"). New columns: `n_tokens`, `nll`, `perplexity` and `error`.
+    "text"). New columns: `n_tokens`, `nll`, `perplexity` and `error`. `weights`: as `Generate`'s.
     """
 
     def __init__(self, model_dir: str, stride: int | None = None, *, column: str = "text", verify: bool = True,
-                 expect_sums: str | None = None, prefix_cache_mb: float | None = None):
-        self.model = check_model_dir(model_dir, verify, expect_sums)
+                 expect_sums: str | None = None, prefix_cache_mb: float | None = None, weights: str = "float32"):
+        self.model = check_model_dir(model_dir, verify, expect_sums, weights)
         self.stride, self.column = stride, column
         self.prefix_cache = self.model.prefix_cache(prefix_cache_mb)  # the actor's, across its batches
         check_stride(stride, self.model.config)  # now, not at the first long text

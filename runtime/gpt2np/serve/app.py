@@ -190,7 +190,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def health():
         return Response(status_code=200, media_type="text/plain")
 
-    card = P.model_card(state.model_name, state.started, state.model.config.n_positions)
+    card = P.model_card(state.model_name, state.started, state.model.config.n_positions, state.model.matmul.weights)
 
     @get("/v1/models", methods=["GET", "HEAD"])
     async def list_models():

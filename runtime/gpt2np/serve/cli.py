@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from ..cli.common import run_command
+from ..cli.common import run_command, weights_option
 from ..errors import GPT2Error, missing_extra
 
 DEFAULT_BATCHED_TOKENS = 2048  # vLLM's default for --max-num-batched-tokens: a lone prompt is read whole
@@ -56,11 +56,12 @@ DEFAULT_CACHE_POSITIONS = 4096  # the prefix cache holds this many positions by 
 @click.option("--grace-period", default=30.0, show_default=True, type=click.FloatRange(min=0),
               help="On SIGTERM or Ctrl-C: seconds to let running requests finish before cancelling them.")
 @click.option("--no-ui", is_flag=True, help="Leave out the playground page at / (the API alone).")
+@weights_option
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]), help="How much to log on stderr.")
 def serve(model_dir, host, port, model_name, api_key, max_batch, max_queue, max_batched_tokens, prefill_stall,
           prefill_chunk, prefix_cache_mb, max_stop_strings, header_timeout, body_timeout, max_connections,
-          grace_period, no_ui, log_level):
+          grace_period, no_ui, weights, log_level):
     """Serve the GPT-2 model in MODEL_DIR over HTTP with OpenAI's completions API.
 
     \b
@@ -87,7 +88,7 @@ def serve(model_dir, host, port, model_name, api_key, max_batch, max_queue, max_
     from .protocol import MAX_STOP
     from .worker import EngineWorker
 
-    model = load(model_dir)
+    model = load(model_dir, weights=weights)
     name = model_name or Path(model_dir).resolve().name
     metrics = Metrics()
     metrics.packed_weight_bytes.set(model.matmul.packed_bytes)

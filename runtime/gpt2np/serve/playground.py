@@ -62,7 +62,7 @@ def option_limits(name: str, schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def config(model_name: str, model_dir: str, n_positions: int, max_stop: int, capacity: int,
-           api_key: bool) -> dict[str, Any]:
+           api_key: bool, weights: str = "float32") -> dict[str, Any]:
     """What the page builds itself from: the model, and each option with the server's limits."""
     schema = CompletionRequest.model_json_schema(by_alias=True)
     helps = {f.name: f.metadata.get("help", "") for f in Options.__dataclass_fields__.values()}
@@ -77,6 +77,7 @@ def config(model_name: str, model_dir: str, n_positions: int, max_stop: int, cap
             o["maxItems"] = max_stop
         options.append(o)
     return {"model": model_name, "model_dir": model_dir, "n_positions": n_positions, "api_key": api_key,
+            "weights": weights,
             "max_logprobs": P.MAX_LOGPROBS, "max_explain_positions": _explain_positions(n_positions),
             "options": options}
 
@@ -112,7 +113,7 @@ def add_routes(app: FastAPI, state, completions) -> None:
     @app.get("/ui/api/config", include_in_schema=False)
     async def ui_config():
         return config(state.model_name, state.model_dir, model.config.n_positions, state.max_stop,
-                      state.worker.capacity, bool(state.api_key))
+                      state.worker.capacity, bool(state.api_key), model.matmul.weights)
 
     @app.get("/ui/api/tokens", include_in_schema=False)
     async def tokens():

@@ -275,15 +275,15 @@ def logprobs(tokens: list[str], token_logprobs: list[float | None], top_logprobs
             "text_offset": text_offset}
 
 
-def model_card(name: str, created: int, max_model_len: int) -> dict:
+def model_card(name: str, created: int, max_model_len: int, weights: str = "float32") -> dict:
     """vLLM's model card: `max_model_len` tells clients the context, and `permission` has vLLM's
-    fields and values."""
+    fields and values; gpt2np adds `weights`, the precision of the weights in the products."""
     permission = {"id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission", "created": created,
                   "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
                   "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
                   "organization": "*", "group": None, "is_blocking": False}
     return {"id": name, "object": "model", "created": created, "owned_by": "gpt2np", "root": name, "parent": None,
-            "max_model_len": max_model_len, "permission": [permission]}
+            "max_model_len": max_model_len, "weights": weights, "permission": [permission]}
 
 
 def tokenizer_info(tokenizer, eos_token_id: int, max_model_len: int) -> dict:

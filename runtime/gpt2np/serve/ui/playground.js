@@ -46,7 +46,7 @@
       return;
     }
     $("key-row").hidden = !state.config.api_key;
-    $("model").textContent = `${state.config.model} · context ${state.config.n_positions} tokens`;
+    $("model").textContent = `${state.config.model} · ${state.config.weights} weights · context ${state.config.n_positions} tokens`;
     buildOptions(state.config.options);
     call("/ui/api/tokens").then((r) => r.json()).then((names) => { state.names = names; render(); })
       .catch((e) => showError("cannot load the vocabulary: " + e.message));
@@ -483,6 +483,7 @@
     } else {
       args.push(sh(b.prompt));
     }
+    if (state.config.weights !== "float32") args.push("--weights", state.config.weights);
     args.push("-n", String(b.max_tokens ?? state.config.n_positions));
     args.push("--temperature", String(b.temperature ?? 1));
     if (b.top_p !== undefined && b.top_p !== 1) args.push("--top-p", String(b.top_p));
