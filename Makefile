@@ -54,13 +54,15 @@ fuzz: install
 	GPT2NP_FUZZ_EXAMPLES=$${GPT2NP_FUZZ_EXAMPLES:-20000} $(BIN)/python -m pytest -q tests/core/test_fuzz.py
 
 ## bench: speed against this machine's ceilings, what a constraint costs, then beside CTranslate2 and
-##        transformers if installed (see bench-peers); writes bench/results/{RESULTS,STRUCTURED,PEERS}.md
+##        transformers if installed (see bench-peers); writes bench/results/{RESULTS,STRUCTURED,MATMUL,
+##        PRECISION,PEERS}.md
 ##        with their .json and .png
 bench: install
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
 	$(BIN)/python bench/structured_bench.py
 	$(BIN)/python bench/matmul_bench.py
+	$(BIN)/python bench/precision_bench.py
 	$(BIN)/python bench/peers_bench.py
 
 ## bench-peers: install CTranslate2 and transformers (torch CPU), then gpt2np beside them; writes bench/results/PEERS.md

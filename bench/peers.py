@@ -31,6 +31,7 @@ def available() -> list[str]:
     try:
         if requested() != "numpy" and library_path():
             names.append("gpt2np-numpy")  # the backend on (the default with the extra) and off, side by side
+            names += ["gpt2np-bfloat16", "gpt2np-int8"]  # and the low-precision weights it offers
     except Exception:  # noqa: BLE001 -- no oneDNN: one gpt2np runner, NumPy's
         pass
     if importlib.util.find_spec("ctranslate2"):
@@ -73,10 +74,11 @@ def windows(ids: list[int], size: int = 1024, stride: int = 512):
 
 
 class GPT2NP(Runner):
-    def __init__(self, folder: Path, backend: str | None = None):
+    def __init__(self, folder: Path, backend: str | None = None, weights: str = "float32"):
         import gpt2np
-        self.model = gpt2np.load(folder, matmul_backend=backend)
-        self.name = f"gpt2np {gpt2np.__version__} ({'oneDNN' if self.model.matmul.backend == 'onednn' else 'NumPy'})"
+        self.model = gpt2np.load(folder, matmul_backend=backend, weights=weights)
+        how = "oneDNN" if self.model.matmul.backend == "onednn" else "NumPy"
+        self.name = f"gpt2np {gpt2np.__version__} ({how}{'' if weights == 'float32' else ', ' + weights})"
 
     def generate(self, prompts, n, sample=False):
         kw = dict(temperature=0.8, top_p=0.95, seed=1) if sample else {}
@@ -214,6 +216,8 @@ def load(name: str, folder: Path, cache: Path, threads: int) -> Runner:
         return GPT2NP(folder)
     if name == "gpt2np-numpy":
         return GPT2NP(folder, "numpy")
+    if name in ("gpt2np-bfloat16", "gpt2np-int8"):
+        return GPT2NP(folder, weights=name.split("-")[1])
     if name.startswith("ctranslate2"):
         vocab = [t for t, _ in sorted(json.loads((folder / "vocab.json").read_text()).items(), key=lambda kv: kv[1])]
         return CTranslate2(ctranslate2_folder(folder, cache), vocab, name.split("-")[1], threads)

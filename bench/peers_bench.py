@@ -158,17 +158,20 @@ def write(out: Path, env: dict, r: dict) -> None:
 def markdown(env: dict, r: dict, plotted: bool) -> str:
     engines = list(r["engines"])
     ref = "ctranslate2-int8" if "ctranslate2-int8" in engines else None
-    head = "| | " + " | ".join(r["engines"][e] for e in engines) + (" | gpt2np vs CTranslate2 int8 |" if ref else " |")
+    ours = [e for e in ("gpt2np", "gpt2np-int8") if e in engines] if ref else []  # each against CTranslate2 int8
+    head = "| | " + " | ".join(r["engines"][e] for e in engines) + "".join(
+        f" | {r['engines'][e].split(' (')[0]} ({r['engines'][e].split(' (')[1][:-1]}) vs CTranslate2 int8" for e in ours) + " |"
     lines = [f"# gpt2np beside other CPU engines ({env['date']})", "",
              f"Machine: {env['cpu']}; {env['blas']['library']} ({env['blas']['kernel']} kernel); every engine "
              f"with {env['threads']} threads, in one process, taking turns (best of two runs each). GPT-2 124M with "
              "random weights, float32 unless the column says int8. Ratios in one run are what to compare.", "",
-             head, "| --- |" + " ---: |" * (len(engines) + (1 if ref else 0))]
+             head, "| --- |" + " ---: |" * (len(engines) + len(ours))]
+    blank = " |" * len(ours)
 
     def row(label, values, fmt, higher_better):
         cells = [fmt.format(values[e]) for e in engines]
-        if ref:
-            ratio = values["gpt2np"] / values[ref] if higher_better else values[ref] / values["gpt2np"]
+        for e in ours:
+            ratio = values[e] / values[ref] if higher_better else values[ref] / values[e]
             cells.append(f"{ratio:.2f}x")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
@@ -180,12 +183,12 @@ def markdown(env: dict, r: dict, plotted: bool) -> str:
     row("batch of 32, temperature 0.8 + top-p 0.95: tokens/s", r["sampled_b32_tokens_per_s"], "{:.0f}", True)
     greedy32 = r["batch_tokens_per_s"].get(32, r["batch_tokens_per_s"].get("32"))
     lines.append("| the same, as a fraction of greedy at batch 32 | " + " | ".join(
-        f"{r['sampled_b32_tokens_per_s'][e] / greedy32[e]:.0%}" for e in engines) + (" | |" if ref else " |"))
+        f"{r['sampled_b32_tokens_per_s'][e] / greedy32[e]:.0%}" for e in engines) + blank + " |")
     row(f"scoring {r['score_tokens']:,} tokens: tokens/s", r["score_tokens_per_s"], "{:.0f}", True)
     lines.append("| greedy ids at batch 8 equal gpt2np's | " + " | ".join(
-        "yes" if r["same_greedy_ids"][e] else "no" for e in engines) + (" | |" if ref else " |"))
+        "yes" if r["same_greedy_ids"][e] else "no" for e in engines) + blank + " |")
     lines.append("| scoring: largest difference from gpt2np's log-probabilities | " + " | ".join(
-        f"{r['score_max_abs_diff'][e]:.1e}" for e in engines) + (" | |" if ref else " |"))
+        f"{r['score_max_abs_diff'][e]:.1e}" for e in engines) + blank + " |")
     lines += ["", f"- gpt2np's top-p (0.95, temperature 0.8) on one row of 50,257 logits: "
                   f"{r['top_p_ms']['flat']:.2f} ms when flat (it keeps most of the vocabulary), "
                   f"{r['top_p_ms']['peaked']:.2f} ms when peaked (median of 100).",
@@ -202,9 +205,10 @@ def markdown(env: dict, r: dict, plotted: bool) -> str:
               "its KV cache, preallocated for its prompt and new tokens: 2 x n_layer x n_embd x 4 bytes per "
               "position (72 KiB for 124M, 600 KiB for 1558M), so 32 sequences of 48 positions add 113 MB on "
               "124M; and a logits row of 201 KB per sequence at each step.",
-              "- int8 weights are read as a quarter of the bytes, and CTranslate2 multiplies them with int8 "
-              "kernels; NumPy has no such product (its float16 and int8 matmuls have no BLAS path), so gpt2np "
-              "stays float32. CTranslate2 int8's greedy ids differ because its logits are quantised."]
+              "- int8 weights are read as a quarter of the bytes, and both CTranslate2 and gpt2np with "
+              "`weights=\"int8\"` (oneDNN's products) multiply them with int8 kernels; NumPy has no such product. "
+              "Low-precision greedy ids may differ from float32's because their logits are rounded "
+              "(docs/performance.md gives the measured error of each precision)."]
     if plotted:
         lines += ["", "![gpt2np beside CTranslate2 and transformers](peers.png)"]
     return "\n".join(lines) + "\n"
