@@ -129,7 +129,8 @@ async def stream_one(client: httpx.AsyncClient, server: Server, prompt, max_toke
                     tokens = chunk["usage"]["completion_tokens"]
     except httpx.HTTPError as e:
         return {"sent": sent, "times": times, "tokens": tokens, "error": type(e).__name__}
-    return {"sent": sent, "times": times, "tokens": tokens, "error": None}
+    # a server that sends no usage (llama-server may not): one chunk per token
+    return {"sent": sent, "times": times, "tokens": tokens or len(times), "error": None}
 
 
 async def load(server: Server, clients: int, requests: int, max_tokens: int) -> dict:

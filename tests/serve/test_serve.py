@@ -399,7 +399,12 @@ def test_an_idle_engine_gathers_requests_sent_together_into_one_step(model, monk
         worker.submit([engine.sequence(context + [7], opts)], loop, queue)
         await asyncio.sleep(0.2)
         worker.submit([engine.sequence(context + [8, 9], opts)], loop, queue)
-        return [await asyncio.wait_for(queue.get(), 10) for _ in range(2)]
+        got = [await asyncio.wait_for(queue.get(), 10) for _ in range(2)]
+        for _ in range(500):  # the step after the events caches the prompts: let it run before stopping
+            if engine.idle:
+                break
+            await asyncio.sleep(0.01)
+        return got
 
     try:
         events = asyncio.run(run())
