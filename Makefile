@@ -71,11 +71,14 @@ bench-peers: install
 	$(BIN)/python bench/peers_bench.py $(BENCH_ARGS)
 
 ## bench-serve: gpt-serve under load on loopback, then its prefix cache on against off (and vLLM's CPU
-##              build beside it when installed, see bench/prefix_bench.py); writes bench/results/{SERVE,PREFIX}.md
+##              build beside it when installed, see bench/prefix_bench.py); writes bench/results/{SERVE,PREFIX}.md;
+##              with LLAMA_SERVER=path/to/llama-server GGUF=dir (124M-{f32,f16,q8_0}.gguf), gpt-serve's weight
+##              precisions beside llama.cpp's (bench/precision_serve_bench.py, SERVE-PRECISION.md)
 bench-serve: install
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/serve_bench.py $(BENCH_ARGS)
 	$(BIN)/python bench/prefix_bench.py
+	$(if $(LLAMA_SERVER),$(BIN)/python bench/precision_serve_bench.py --llama-server $(LLAMA_SERVER) --gguf $(GGUF))
 
 ## bench-ray: the Ray Data stage against one process doing the same work; writes bench/results/{RAY.md,ray.json}
 bench-ray: install

@@ -69,6 +69,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--llama-server", type=Path, required=True)
     ap.add_argument("--gguf", type=Path, required=True, help="a folder with 124M-f32.gguf, 124M-f16.gguf, 124M-q8_0.gguf")
+    ap.add_argument("--llama-label", default=None, help="what to call the build in the report, e.g. 'b11434'")
     ap.add_argument("--clients", default="1,4,8,16")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=64)
@@ -104,7 +105,7 @@ def main() -> None:
     res = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "rounds": a.rounds, "clients": clients,
            "tokens_per_s": {n: {c: statistics.median(v) for c, v in per.items()} for n, per in runs.items()},
            "rounds_tokens_per_s": runs, "lone_ttft_s": {n: statistics.median(v) for n, v in ttft.items()},
-           "rss_mb": rss, "llama_version": llama_version(a.llama_server)}
+           "rss_mb": rss, "llama_version": a.llama_label or llama_version(a.llama_server)}
     save_results(a.out, "serve-precision", res, markdown(res))
 
 

@@ -13,6 +13,7 @@ oneDNN by pointer: no copies. Float32 throughout.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -79,6 +80,12 @@ class OneDNN:
         self.check(lib.dnnl_stream_create(ctypes.byref(self.stream), self.engine, IN_ORDER), "creating a stream")
         self.lock = threading.Lock()  # one stream: one product at a time
         self.shapes: dict[tuple, _Shape] = {}
+        # Products of at most this many rows run on one OpenMP thread (made and run so: oneDNN sizes a
+        # primitive's work for the threads at its creation). A server sets it (`matmul.leave_a_core`):
+        # with a stream or two, its event loop and clients then keep a core instead of stalling
+        # both of oneDNN's threads at each product's barrier.
+        self.one_thread_rows = 0
+        self._omp = _openmp()
         version = lib.dnnl_version
         version.restype = ctypes.POINTER(ctypes.c_int * 3)
         major, minor, patch = version().contents
@@ -110,6 +117,20 @@ class OneDNN:
         arr = (_Arg * len(args))(*[_Arg(a, m) for a, m in args])
         self.check(self.lib.dnnl_primitive_execute(primitive, self.stream, len(args), arr), "running a primitive")
         self.check(self.lib.dnnl_stream_wait(self.stream), "waiting for its stream")
+
+    @contextlib.contextmanager
+    def threads_for(self, M: int):
+        """One OpenMP thread for products of at most `one_thread_rows` rows (this thread's setting)."""
+        if M > self.one_thread_rows or self._omp is None:
+            yield
+            return
+        get, set_ = self._omp
+        before = get()
+        set_(1)
+        try:
+            yield
+        finally:
+            set_(before)
 
     def shape(self, K: int, N: int, precision: str = "float32") -> "_Shape":
         key = (K, N, precision)
@@ -153,6 +174,12 @@ class _Shape:
     def primitive(self, M: int):
         """(primitive, src memory, dst memory) for M rows over the packed layout, made once; None if
         oneDNN would want another weight layout for M rows (the seam then uses NumPy)."""
+        if M not in self.primitives:
+            with self.dnn.threads_for(M):
+                return self._make(M)
+        return self.primitives[M]
+
+    def _make(self, M: int):
         if M not in self.primitives:
             dnn = self.dnn
             pd = self._descriptor(M, dnn.desc((self.K, self.N), None, self.dtype))
@@ -218,13 +245,26 @@ class PackedWeight:
         args = [(ARG_SRC, src), (ARG_WEIGHTS, self.memory), (ARG_DST, dst)]
         if self.scales_memory is not None:
             args.append((ARG_ATTR_SCALES | ARG_WEIGHTS, self.scales_memory))
-        with self.dnn.lock:  # the memory objects are shared by the weights of this shape
+        with self.dnn.lock, self.dnn.threads_for(M):  # the memory objects are shared by this shape's weights
             lib.dnnl_memory_set_data_handle(src, _P(x.ctypes.data))
             lib.dnnl_memory_set_data_handle(dst, _P(out.ctypes.data))
             self.dnn.execute(primitive, args)
         if row_scales is not None:
             out *= row_scales[:, None]
         return out
+
+
+def _openmp():
+    """(omp_get_max_threads, omp_set_num_threads) of the OpenMP runtime libdnnl runs on, or None."""
+    for name in ("libgomp.so.1", "libiomp5.so", "libomp.so"):
+        try:
+            lib = ctypes.CDLL(name, mode=os.RTLD_NOLOAD | os.RTLD_NOW)  # the one libdnnl loaded, not another
+        except OSError:
+            continue
+        lib.omp_get_max_threads.restype = ctypes.c_int
+        lib.omp_set_num_threads.argtypes = [ctypes.c_int]
+        return lib.omp_get_max_threads, lib.omp_set_num_threads
+    return None
 
 
 def to_bfloat16(x: np.ndarray) -> np.ndarray:

@@ -148,3 +148,25 @@ def test_gpt_serve_takes_weights_and_its_model_card_says_so(small_model_dir):
             "structured_outputs": {"regex": "[a-z]{3} [0-9]{2}"}}).json()["choices"][0]["text"]
         import re
         assert re.fullmatch("[a-z]{3} [0-9]{2}", constrained)
+
+
+def test_products_on_one_thread_equal_those_on_every_thread():
+    """A server runs int8 products of one or two rows on one OpenMP thread (`matmul.ONE_THREAD_ROWS`):
+    the result is the same integer arithmetic."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((768, 768), dtype=np.float32) * 0.02
+    xs = [rng.standard_normal((rows, 768), dtype=np.float32) for rows in (1, 2, 3)]
+    dnn = onednn.OneDNN()  # its own primitives, so that they are made under each setting
+    packed = dnn.pack(w, "int8")
+    before = [packed(x) for x in xs]
+    dnn2 = onednn.OneDNN()
+    dnn2.one_thread_rows = 2
+    packed2 = dnn2.pack(w, "int8")
+    assert dnn2._omp is not None
+    after = [packed2(x) for x in xs]
+    for a, b in zip(before, after):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    get, _ = dnn2._omp
+    threads = get()
+    packed2(xs[0])
+    assert get() == threads  # the setting is put back after each product
