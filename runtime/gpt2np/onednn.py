@@ -7,8 +7,9 @@ OpenMP from the system's libgomp), or from `GPT2NP_DNNL_LIB`, a path to any `lib
 A weight [K, N] is reordered once into the blocked layout oneDNN picks for it (the same for every
 row count: checked, and a row count that would want another falls back to NumPy), and the
 primitives are made per product shape and row count, shared by every weight of that shape (a
-model's 12 or 48 layers use four shapes). Activations and outputs are NumPy arrays handed to
-oneDNN by pointer: no copies. Float32 throughout.
+model's 12 or 48 layers use four shapes). Activations and outputs are float32 NumPy arrays handed
+to oneDNN by pointer, with no copies, except where the weights are held at bfloat16 or int8 and
+each product's activations are converted to match (`matmul.PRECISIONS`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .matmul import PRECISIONS
+from .weights import from_bfloat16  # noqa: F401 -- the inverse of `to_bfloat16`, beside it for its users
 
 ENV_LIB = "GPT2NP_DNNL_LIB"
 BF16, F32, S8 = 2, 3, 5  # dnnl_bf16, dnnl_f32, dnnl_s8
@@ -175,24 +177,21 @@ class _Shape:
         """(primitive, src memory, dst memory) for M rows over the packed layout, made once; None if
         oneDNN would want another weight layout for M rows (the seam then uses NumPy)."""
         if M not in self.primitives:
-            with self.dnn.threads_for(M):
-                return self._make(M)
+            with self.dnn.threads_for(M):  # made for the threads it will run on
+                self.primitives[M] = self._make(M)
         return self.primitives[M]
 
     def _make(self, M: int):
-        if M not in self.primitives:
-            dnn = self.dnn
-            pd = self._descriptor(M, dnn.desc((self.K, self.N), None, self.dtype))
-            wants = _P(dnn.lib.dnnl_primitive_desc_query_md(pd, QUERY_EXEC_ARG_MD, ARG_WEIGHTS))
-            if not dnn.lib.dnnl_memory_desc_equal(wants, self.layout):
-                self.primitives[M] = None
-            else:
-                prim = _P()
-                dnn.check(dnn.lib.dnnl_primitive_create(ctypes.byref(prim), pd), "creating a matmul primitive")
-                src = dnn.memory(dnn.desc((M, self.K), (self.K, 1), self.dtype))
-                dst = dnn.memory(dnn.desc((M, self.N), (self.N, 1)))
-                self.primitives[M] = (prim, src, dst)
-        return self.primitives[M]
+        dnn = self.dnn
+        pd = self._descriptor(M, dnn.desc((self.K, self.N), None, self.dtype))
+        wants = _P(dnn.lib.dnnl_primitive_desc_query_md(pd, QUERY_EXEC_ARG_MD, ARG_WEIGHTS))
+        if not dnn.lib.dnnl_memory_desc_equal(wants, self.layout):
+            return None
+        prim = _P()
+        dnn.check(dnn.lib.dnnl_primitive_create(ctypes.byref(prim), pd), "creating a matmul primitive")
+        src = dnn.memory(dnn.desc((M, self.K), (self.K, 1), self.dtype))
+        dst = dnn.memory(dnn.desc((M, self.N), (self.N, 1)))
+        return prim, src, dst
 
 
 class PackedWeight:
@@ -275,11 +274,6 @@ def to_bfloat16(x: np.ndarray) -> np.ndarray:
     bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
     rounded = bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
     return (rounded >> np.uint32(16)).astype(np.uint16)
-
-
-def from_bfloat16(b: np.ndarray) -> np.ndarray:
-    """bfloat16 bits (uint16) -> float32, exactly."""
-    return (b.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
 def quantize(x: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:

@@ -189,9 +189,14 @@ def _as_float32(array: np.ndarray, dtype: str, name: str, path) -> np.ndarray:
         return array
     if dtype == "F16":
         return array.astype(np.float32)
-    if dtype == "BF16":  # bfloat16 is the top half of a float32
-        return (array.astype(np.uint32) << 16).view(np.float32)
+    if dtype == "BF16":
+        return from_bfloat16(array)
     raise GPT2Error(f"{path}: tensor {name!r} has dtype {dtype}; GPT-2 weights must be F32, F16 or BF16")
+
+
+def from_bfloat16(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16) -> float32, exactly: bfloat16 is the top half of a float32."""
+    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
 _PAGE = mmap.PAGESIZE

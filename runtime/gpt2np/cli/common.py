@@ -140,7 +140,9 @@ def prefix_cache_option(help: str):
 def weights_option(f):
     """--weights: the precision of the weights in the products (`gpt2np.load(weights=...)`), for every
     command that loads a model."""
-    return click.option("--weights", type=click.Choice(["float32", "bfloat16", "int8"]), default="float32",
+    from ..matmul import PRECISIONS
+
+    return click.option("--weights", type=click.Choice(PRECISIONS), default="float32",
                         show_default=True,
                         help="The weights' precision in the products: float32 (the file's, exact), or bfloat16 "
                              "or int8, made once at load for faster products (needs gpt2np[onednn]).")(f)
