@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import re
 import statistics
 import subprocess
@@ -36,32 +35,16 @@ from bench import cpu_name, make_model, save_results  # noqa: E402
 PRECISIONS = {"float32": "f32", "bfloat16": "f16", "int8": "q8_0"}  # gpt2np's, and llama.cpp's beside it
 
 
-class LlamaServer:
+class LlamaServer(sb.PeerServer):
     """llama.cpp's server: 2 threads, 16 parallel slots of 1024 positions, continuous batching."""
 
     def __init__(self, binary: Path, gguf: Path, port: int):
-        self.name, self.url = "124M", f"http://127.0.0.1:{port}"
-        self.log = open(ROOT / "bench" / "results" / f"llama-{gguf.stem}.log.tmp", "w")
-        self.proc = subprocess.Popen([str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-                                      "-t", "2", "-tb", "2", "-np", "16", "-c", str(16 * 1024), "--no-webui"],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        import httpx
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.5)
-        raise RuntimeError(f"llama-server did not start (see {self.log.name})")
+        super().__init__([str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", "2",
+                          "-tb", "2", "-np", "16", "-c", str(16 * 1024), "--no-webui"],
+                         ROOT / "bench" / "results" / f"llama-{gguf.stem}.log.tmp", port, timeout=120, poll=0.5)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=60)
-        self.log.close()
+        super().stop()
         Path(self.log.name).unlink(missing_ok=True)
 
 

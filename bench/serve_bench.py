@@ -61,7 +61,35 @@ class Server:
         self.proc.wait(timeout=60)
 
 
-class VLLM:
+class PeerServer:
+    """Another engine's OpenAI-compatible server on loopback: started with `cmd`, its output in `log`,
+    ready when /health answers 200 (polled every `poll` s, for at most `timeout` s), else stopped."""
+
+    def __init__(self, cmd: list[str], log: Path, port: int, timeout: float, poll: float, env: dict | None = None):
+        self.name, self.url = "124M", f"http://127.0.0.1:{port}"
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(poll)
+        self.stop()
+        raise RuntimeError(f"{Path(cmd[0]).name} did not start (see {log})")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+class VLLM(PeerServer):
     """vLLM's OpenAI server (its CPU build, in its own venv), as ../shared/PERF-NOTES.md runs it."""
 
     def __init__(self, python: Path, model_dir: Path, port: int = 8012):
@@ -71,28 +99,10 @@ class VLLM:
                            if p and Path(p).exists())
         env = {**os.environ, "LD_PRELOAD": preload, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "0-1",
                "HF_HUB_OFFLINE": "1"}
-        self.name, self.url = "124M", f"http://127.0.0.1:{port}"
-        self.log = open(ROOT / "bench" / "results" / "vllm.log.tmp", "w")
-        self.proc = subprocess.Popen([str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-                                      "--served-model-name", self.name, "--port", str(port), "--dtype", "float32",
-                                      "--max-model-len", "1024"], stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(2)
-        self.stop()
-        raise RuntimeError("vLLM did not start (see bench/results/vllm.log.tmp)")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        super().__init__([str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+                          "--served-model-name", "124M", "--port", str(port), "--dtype", "float32",
+                          "--max-model-len", "1024"], ROOT / "bench" / "results" / "vllm.log.tmp", port,
+                         timeout=300, poll=2, env=env)
 
 
 def tree_rss_mb(pid: int) -> float:
@@ -114,7 +124,7 @@ async def stream_one(client: httpx.AsyncClient, server: Server, prompt, max_toke
     """One streamed request: its send time, chunk arrival times, token count, error."""
     body = {"model": server.name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
-    sent, times, tokens = time.perf_counter(), [], 0
+    sent, times, tokens, pieces = time.perf_counter(), [], 0, 0
     try:
         async with client.stream("POST", server.url + "/v1/completions", json=body) as r:
             if r.status_code != 200:
@@ -125,12 +135,14 @@ async def stream_one(client: httpx.AsyncClient, server: Server, prompt, max_toke
                 chunk = json.loads(line[6:])
                 if chunk["choices"]:
                     times.append(time.perf_counter())
+                    pieces += bool(chunk["choices"][0].get("text"))
                 elif chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
     except httpx.HTTPError as e:
         return {"sent": sent, "times": times, "tokens": tokens, "error": type(e).__name__}
-    # a server that sends no usage (llama-server may not): one chunk per token
-    return {"sent": sent, "times": times, "tokens": tokens or len(times), "error": None}
+    # a server that sends no usage (llama-server does not): one chunk with text per token (its last
+    # chunk, which carries only the finish reason, is not one)
+    return {"sent": sent, "times": times, "tokens": tokens or pieces, "error": None}
 
 
 async def load(server: Server, clients: int, requests: int, max_tokens: int) -> dict:
