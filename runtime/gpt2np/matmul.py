@@ -149,20 +149,6 @@ def prepare(params, release=None, backend: str | None = None, weights: str = "fl
         return params, Choice(detail="oneDNN is not installed" if missing else f"oneDNN failed: {e}")
 
 
-ONE_THREAD_ROWS = {"int8": 2}
-"""In a server, products of at most this many rows run on one OpenMP thread, by the weights'
-precision: the other core then serves the event loop and the clients instead of stalling oneDNN's
-second thread at every product's barrier. Measured with gpt-serve on 124M, 2 cores: int8 weights
-gained about a quarter at one and two streams, and nothing at four; float32 and bfloat16 products,
-which read two and four times the bytes, lost about a tenth, so they keep every thread."""
-
-
-def leave_a_core(choice: Choice) -> None:
-    """For a server (gpt-serve calls it once after loading): the `ONE_THREAD_ROWS` rule."""
-    if choice.backend == "onednn":
-        _onednn().one_thread_rows = ONE_THREAD_ROWS.get(choice.weights, 0)
-
-
 _dnn = None
 
 

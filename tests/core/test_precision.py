@@ -4,8 +4,10 @@ float32's, and float32 stays the default and the reference."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -150,23 +152,31 @@ def test_gpt_serve_takes_weights_and_its_model_card_says_so(small_model_dir):
         assert re.fullmatch("[a-z]{3} [0-9]{2}", constrained)
 
 
-def test_products_on_one_thread_equal_those_on_every_thread():
-    """A server runs int8 products of one or two rows on one OpenMP thread (`matmul.ONE_THREAD_ROWS`):
-    the result is the same integer arithmetic."""
-    rng = np.random.default_rng(5)
-    w = rng.standard_normal((768, 768), dtype=np.float32) * 0.02
-    xs = [rng.standard_normal((rows, 768), dtype=np.float32) for rows in (1, 2, 3)]
-    dnn = onednn.OneDNN()  # its own primitives, so that they are made under each setting
-    packed = dnn.pack(w, "int8")
-    before = [packed(x) for x in xs]
-    dnn2 = onednn.OneDNN()
-    dnn2.one_thread_rows = 2
-    packed2 = dnn2.pack(w, "int8")
-    assert dnn2._omp is not None
-    after = [packed2(x) for x in xs]
-    for a, b in zip(before, after):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-    get, _ = dnn2._omp
-    threads = get()
-    packed2(xs[0])
-    assert get() == threads  # the setting is put back after each product
+def test_packing_leaves_no_openmp_team_behind():
+    """Packing runs on a passing thread (`onednn._on_a_passing_thread`): a server packs on its main
+    thread and multiplies on its engine thread, and a second team left by the packing made
+    libgomp stop spinning between the engine's products. In a fresh process: the threads after
+    packing are the threads before; the first product then starts its team (which the count sees)."""
+    script = textwrap.dedent("""
+        import os, time, numpy as np
+        from gpt2np import onednn
+        def threads(settle=False):  # a passing thread's team leaves a moment after it
+            deadline = time.monotonic() + 5
+            while settle and len(os.listdir("/proc/self/task")) > before and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return len(os.listdir("/proc/self/task"))
+        w = np.random.default_rng(0).standard_normal((768, 3072), dtype=np.float32)
+        dnn = onednn.OneDNN()
+        before = threads()
+        packed = [dnn.pack(w, p) for p in ("float32", "bfloat16", "int8")]
+        packing = threads(settle=True)
+        for p in packed:
+            p(np.ones((8, 768), np.float32))
+        print(before, packing, threads())
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    before, packing, multiplying = map(int, out.stdout.split())
+    assert packing == before
+    assert multiplying == before + 1  # this thread's team: itself and one more

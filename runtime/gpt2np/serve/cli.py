@@ -83,14 +83,12 @@ def serve(model_dir, host, port, model_name, api_key, max_batch, max_queue, max_
     except ImportError as e:
         raise missing_extra("gpt-serve", "serve", e) from None
     from ..api import load
-    from ..matmul import leave_a_core
     from ..prefix_cache import PrefixCache
     from .metrics import Metrics
     from .protocol import MAX_STOP
     from .worker import EngineWorker
 
     model = load(model_dir, weights=weights)
-    leave_a_core(model.matmul)
     name = model_name or Path(model_dir).resolve().name
     metrics = Metrics()
     metrics.packed_weight_bytes.set(model.matmul.packed_bytes)
