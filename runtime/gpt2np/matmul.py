@@ -133,10 +133,15 @@ def prepare(params, release=None, backend: str | None = None, weights: str = "fl
                 release(w)
             return p
 
-        blocks = tuple(b._replace(**{name: getattr(b, name)._replace(packed=pack(getattr(b, name).w))
-                                     for name in ("c_attn", "attn_proj", "c_fc", "mlp_proj")})
-                       for b in params.blocks)
-        head = pack(params.wte.T)  # wte's pages go too: the embedding lookup faults in the few rows it reads
+        def pack_all():
+            blocks = tuple(b._replace(**{name: getattr(b, name)._replace(packed=pack(getattr(b, name).w))
+                                         for name in ("c_attn", "attn_proj", "c_fc", "mlp_proj")})
+                           for b in params.blocks)
+            return blocks, pack(params.wte.T)  # wte's pages go too: the embedding lookup faults in the few rows it reads
+
+        # On a thread that ends with the packing, so that it leaves no OpenMP team behind beside the
+        # one of the thread that will multiply (a server's engine thread): `onednn.on_a_passing_thread`.
+        blocks, head = onednn.on_a_passing_thread(pack_all)
         choice = Choice("onednn", dnn.version, packed_bytes, time.perf_counter() - started, weights)
         return params._replace(blocks=blocks, lm_head=head), choice
     except Exception as e:  # noqa: BLE001 -- an optional library: never a crash, always NumPy

@@ -209,9 +209,9 @@ class PackedWeight:
         dnn.check(dnn.lib.dnnl_reorder_primitive_desc_create(ctypes.byref(pd), plain, dnn.engine, self.shape.layout,
                                                              dnn.engine, None), "describing the packing")
         dnn.check(dnn.lib.dnnl_primitive_create(ctypes.byref(reorder), pd), "creating the packing")
-        args = [(ARG_SRC, dnn.memory(plain, w.ctypes.data)), (ARG_DST, dnn.memory(self.shape.layout, self.buffer.ctypes.data))]
         with dnn.lock:
-            _on_a_passing_thread(lambda: dnn.execute(reorder, args))
+            dnn.execute(reorder, [(ARG_SRC, dnn.memory(plain, w.ctypes.data)),
+                                  (ARG_DST, dnn.memory(self.shape.layout, self.buffer.ctypes.data))])
         self.memory = dnn.memory(self.shape.layout, self.buffer.ctypes.data)
         self._runs: dict[int, tuple | None] = {}  # by row count (`_run`)
 
@@ -254,14 +254,16 @@ class PackedWeight:
         return primitive, src, dst, self.dnn.arguments(args)
 
 
-def _on_a_passing_thread(f):
-    """f() on a thread of its own that ends with it: the OpenMP team f starts goes with the thread.
+def on_a_passing_thread(f):
+    """f() on a thread of its own that ends with it, and its result: the OpenMP team that f's
+    parallel work starts goes with the thread.
 
-    libgomp keeps a team of threads for each thread that starts parallel work, and once its
-    threads outnumber the cores it stops spinning between parallel regions (GOMP's throttled
-    spin count), so every product wakes its team from sleep. A server packs on its main thread
-    and multiplies on its engine thread: with the packing's team left behind, 48 int8 products at
-    one row took 6.6 ms on the engine thread against 3.1 (124M, 2 cores). So packing leaves none."""
+    libgomp keeps a team of threads for each thread that starts parallel work, and once their
+    threads outnumber the cores it stops spinning between parallel regions (its throttled spin
+    count), so every product wakes its team from sleep. A server packs on its main thread and
+    multiplies on its engine thread: with the packing's team left behind, 48 int8 products of one
+    row took 6.6 ms on the engine thread against 3.1 (124M, 2 cores). So `matmul.prepare` packs
+    on a passing thread."""
     box = {}
 
     def run():
@@ -269,12 +271,12 @@ def _on_a_passing_thread(f):
             box["value"] = f()
         except BaseException as e:  # noqa: BLE001 -- raised again in the caller's thread
             box["error"] = e
-    thread = threading.Thread(target=run, name="gpt2np-pack")
+    thread = threading.Thread(target=run, name="gpt2np-pack", daemon=True)  # Ctrl-C need not wait for it
     thread.start()
     thread.join()
     if "error" in box:
         raise box["error"]
-    return box.get("value")
+    return box["value"]
 
 
 def to_bfloat16(x: np.ndarray) -> np.ndarray:

@@ -152,31 +152,29 @@ def test_gpt_serve_takes_weights_and_its_model_card_says_so(small_model_dir):
         assert re.fullmatch("[a-z]{3} [0-9]{2}", constrained)
 
 
-def test_packing_leaves_no_openmp_team_behind():
-    """Packing runs on a passing thread (`onednn._on_a_passing_thread`): a server packs on its main
-    thread and multiplies on its engine thread, and a second team left by the packing made
+@pytest.mark.parametrize("weights", ["float32", "int8"])
+def test_loading_leaves_no_openmp_team_behind(small_model_dir, weights):
+    """The packing runs on a passing thread (`onednn.on_a_passing_thread`): a server loads on its
+    main thread and multiplies on its engine thread, and a second team left by the packing made
     libgomp stop spinning between the engine's products. In a fresh process: the threads after
-    packing are the threads before; the first product then starts its team (which the count sees)."""
-    script = textwrap.dedent("""
-        import os, time, numpy as np
-        from gpt2np import onednn
+    loading are the threads before; the first products then start their team (the count sees it)."""
+    script = textwrap.dedent(f"""
+        import os, time, numpy as np, gpt2np
         def threads(settle=False):  # a passing thread's team leaves a moment after it
             deadline = time.monotonic() + 5
             while settle and len(os.listdir("/proc/self/task")) > before and time.monotonic() < deadline:
                 time.sleep(0.01)
             return len(os.listdir("/proc/self/task"))
-        w = np.random.default_rng(0).standard_normal((768, 3072), dtype=np.float32)
-        dnn = onednn.OneDNN()
         before = threads()
-        packed = [dnn.pack(w, p) for p in ("float32", "bfloat16", "int8")]
-        packing = threads(settle=True)
-        for p in packed:
-            p(np.ones((8, 768), np.float32))
-        print(before, packing, threads())
+        model = gpt2np.load({str(small_model_dir)!r}, weights={weights!r})
+        assert model.matmul.backend == "onednn"
+        loaded = threads(settle=True)
+        model.logits(list(range(8)))
+        print(before, loaded, threads())
     """)
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
-    before, packing, multiplying = map(int, out.stdout.split())
-    assert packing == before
+    before, loaded, multiplying = map(int, out.stdout.split())
+    assert loaded == before
     assert multiplying == before + 1  # this thread's team: itself and one more
