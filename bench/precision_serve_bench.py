@@ -43,10 +43,6 @@ class LlamaServer(sb.PeerServer):
                           "-tb", "2", "-np", "16", "-c", str(16 * 1024), "--no-webui"],
                          ROOT / "bench" / "results" / f"llama-{gguf.stem}.log.tmp", port, timeout=120, poll=0.5)
 
-    def stop(self) -> None:
-        super().stop()
-        Path(self.log.name).unlink(missing_ok=True)
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -63,7 +63,8 @@ class Server:
 
 class PeerServer:
     """Another engine's OpenAI-compatible server on loopback: started with `cmd`, its output in `log`,
-    ready when /health answers 200 (polled every `poll` s, for at most `timeout` s), else stopped."""
+    ready when /health answers 200 (polled every `poll` s, for at most `timeout` s), else stopped
+    with its log kept for the error to point at; `stop` after a run deletes the log."""
 
     def __init__(self, cmd: list[str], log: Path, port: int, timeout: float, poll: float, env: dict | None = None):
         self.name, self.url = "124M", f"http://127.0.0.1:{port}"
@@ -77,10 +78,14 @@ class PeerServer:
             except httpx.HTTPError:
                 pass
             time.sleep(poll)
-        self.stop()
+        self._halt()
         raise RuntimeError(f"{Path(cmd[0]).name} did not start (see {log})")
 
     def stop(self) -> None:
+        self._halt()
+        Path(self.log.name).unlink(missing_ok=True)
+
+    def _halt(self) -> None:
         self.proc.terminate()
         try:
             self.proc.wait(timeout=60)
