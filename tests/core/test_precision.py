@@ -159,7 +159,7 @@ def test_loading_leaves_no_openmp_team_behind(small_model_dir, weights):
     libgomp stop spinning between the engine's products. In a fresh process: the threads after
     loading are the threads before; the first products then start their team (the count sees it)."""
     script = textwrap.dedent(f"""
-        import os, time, numpy as np, gpt2np
+        import os, time, gpt2np
         def threads(settle=False):  # a passing thread's team leaves a moment after it
             deadline = time.monotonic() + 5
             while settle and len(os.listdir("/proc/self/task")) > before and time.monotonic() < deadline:
